@@ -1,0 +1,300 @@
+"""Plumbing shared by the numbered stages: NIfTI I/O, atomic writes, checkpoints, seeding,
+device and mixed precision, torchrun/DDP, rank-0 printing, preview images, stage imports.
+
+No model code lives here (STYLE.md): a stage that needs another stage's network imports it
+with `load_stage("03_vqgan")`, so every class exists exactly once.
+
+Conventions used by every stage
+- NIfTI arrays are read in canonical RAS+ orientation: array axes (X, Y, Z) point to the
+  patient's Right, Anterior and Superior, and `affine @ [i, j, k, 1]` is the world position
+  (mm) of voxel (i, j, k).
+- Networks see the same data as tensors (C, D, H, W) = (1, Z, Y, X): `xyz_to_dhw` and
+  `dhw_to_xyz` convert (a transpose, no flips), so a (256, 256, 32) NIfTI is a
+  (1, 32, 256, 256) tensor, as in the paper (REFERENCE.md §1).
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it onto `path`.
+
+    A crash (or an exception inside the block) leaves `path` as it was and removes the
+    temporary file, so a half-written output never looks finished. The temporary name
+    keeps the extension (`.nii.gz`, `.png`, ...) because writers pick the format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_json(obj, path):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    if isinstance(x, (np.ndarray, tuple)):
+        return list(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# --------------------------------------------------------------------------- NIfTI
+NIFTI_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError)
+
+
+def read_nifti(path, dtype=np.float32):
+    """Read a NIfTI file reoriented to canonical RAS+. Returns (array (X, Y, Z, ...), affine).
+
+    Any failure to read (missing, truncated, not NIfTI) is raised as ValueError naming the
+    file. Intensity scaling (scl_slope/scl_inter) is applied; `dtype=None` keeps the stored
+    type when there is no scaling (labels).
+    """
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(img.dataobj) if dtype is None else img.get_fdata(dtype=dtype)
+    except NIFTI_READ_ERRORS as e:
+        raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
+    return data, img.affine.copy()
+
+
+def write_nifti(path, data, affine, dtype):
+    """Write `data` (X, Y, Z) with `affine` atomically; qform and sform both set (scanner, mm)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def spacing_of(affine):
+    """Voxel size (mm) along each array axis: the column norms of the affine."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+
+def case_id(path):
+    """`Case_00001_0000.nii.gz` -> `Case_00001` (nnU-Net channel suffix dropped), `x.nii` -> `x`."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    stem, _, tail = name.rpartition("_")
+    return stem if stem and len(tail) == 4 and tail.isdigit() else name
+
+
+def xyz_to_dhw(a):
+    """NIfTI array (X, Y, Z) -> network layout (D, H, W) = (Z, Y, X)."""
+    return np.ascontiguousarray(np.asarray(a).transpose(2, 1, 0))
+
+
+def dhw_to_xyz(a):
+    """Network layout (D, H, W) -> NIfTI array (X, Y, Z)."""
+    return np.ascontiguousarray(np.asarray(a).transpose(2, 1, 0))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by `save_checkpoint`. Tensors, numbers, strings, lists and
+    dicts only (`weights_only=True`): a checkpoint is a pickle, and we never execute one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here (run the stage that writes it first)")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --------------------------------------------------------------------------- seeding, device, precision
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """`auto` -> the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """How a training step runs: autocast dtype (None = fp32) and a GradScaler (fp16 only).
+
+    Use as `with prec.autocast(): loss = ...` then `prec.scaler.scale(loss).backward()`;
+    with bf16 or fp32 the scaler is disabled and passes everything through unchanged.
+    """
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    @property
+    def name(self):
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def choose_precision(device, want="auto"):
+    """`auto`: bf16 on CUDA where supported (Ampere and newer), fp16 + GradScaler on older
+    CUDA GPUs, fp32 on the CPU. `bf16`, `fp16`, `fp32` force a choice (mixed precision
+    needs CUDA)."""
+    device = torch.device(device)
+    if want == "auto":
+        if device.type != "cuda":
+            want = "fp32"
+        else:
+            want = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if want != "fp32" and device.type != "cuda":
+        raise ValueError(f"--precision {want} needs a CUDA device; this run is on {device}")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[want]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return Precision(device.type, dtype, scaler)
+
+
+# --------------------------------------------------------------------------- torchrun / DDP
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Start DDP when launched by torchrun (RANK/WORLD_SIZE set), else a single process.
+
+    NCCL on CUDA (one GPU per process, chosen by LOCAL_RANK), gloo on the CPU.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist(0, 1, 0, pick_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+    return Dist(rank, world, local, dev)
+
+
+def teardown_distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every process prints when not distributed)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# --------------------------------------------------------------------------- previews
+LABEL_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue", 4: "gold", 5: "magenta"}
+
+
+def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0)):
+    """PNG of the middle axial, coronal and sagittal slices, one row per volume.
+
+    images: a (D, H, W) array/tensor or a list of them (network layout, RAS axes);
+    labels: matching integer volumes (or None) drawn as coloured contours;
+    spacing: (dz, dy, dx) in mm, for the aspect ratio of coronal and sagittal views.
+    Shown in radiological convention: anterior up, the patient's right on the image's left.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    as_np = lambda v: None if v is None else (v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v))
+    images = [images] if not isinstance(images, (list, tuple)) else list(images)
+    labels = [labels] * len(images) if not isinstance(labels, (list, tuple)) else list(labels)
+    titles = titles if isinstance(titles, (list, tuple)) else [titles] * len(images)
+    dz, dy, dx = spacing
+    fig, axes = plt.subplots(len(images), 3, figsize=(9, 3.2 * len(images)), squeeze=False)
+    for row, (img, lab, title) in enumerate(zip(images, labels, titles)):
+        img, lab = as_np(img).squeeze(), as_np(lab)
+        lab = None if lab is None else lab.squeeze()
+        d, h, w = img.shape
+        views = [  # (slice, aspect, name); flips give anterior-up / patient-right-left / superior-up
+            (lambda v: v[d // 2][::-1, ::-1], dy / dx, f"axial z={d // 2}"),
+            (lambda v: v[:, h // 2][::-1, ::-1], dz / dx, f"coronal y={h // 2}"),
+            (lambda v: v[:, :, w // 2][::-1, ::-1], dz / dy, f"sagittal x={w // 2}"),
+        ]
+        for col, (take, aspect, name) in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(take(img), cmap="gray", vmin=vrange[0], vmax=vrange[1], aspect=aspect, interpolation="nearest")
+            if lab is not None:
+                sl = take(lab)
+                for k in sorted(set(np.unique(sl).tolist()) - {0}):
+                    ax.contour(sl == k, levels=[0.5], colors=LABEL_COLOURS.get(int(k), "white"), linewidths=0.8)
+            ax.set_title(f"{title} · {name}" if title and col == 0 else name, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- stage imports
+def load_stage(name):
+    """Import a numbered stage file (`load_stage("03_vqgan")`) as a module, once.
+
+    Stage files start with digits, so `import` cannot name them; their work sits under
+    `if __name__ == "__main__":`, so importing runs nothing.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    path = REPO / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such stage")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -1,0 +1,41 @@
+"""Shared fixtures: the repo on sys.path, the ../shared data folder, small phantom sets."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared"
+
+from common import load_stage  # noqa: E402
+
+# Small phantoms (coarse voxels) keep the tests fast; 01 then targets a small grid too.
+SMALL_PHANTOMS = ["--spacing-xy", "3.5", "4.5", "--spacing-z", "4", "6", "--z-extent", "120", "200", "--previews", "0"]
+SMALL_PREP = ["--spacing", "3", "3", "4", "--size", "96", "--depth", "16", "--workers", "1", "--no-previews"]
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    d = SHARED / "data"
+    if not d.is_dir():
+        pytest.skip(f"{d} is absent (CI and developers have ../shared beside the repo)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def phantoms():
+    return load_stage("00_phantoms")
+
+
+@pytest.fixture(scope="session")
+def prep():
+    return load_stage("01_preprocess")
+
+
+@pytest.fixture(scope="session")
+def small_raw(tmp_path_factory, phantoms):
+    """Four small phantom cases (seed 1: three with a tumour) in raw/{images,labels}."""
+    out = tmp_path_factory.mktemp("raw")
+    phantoms.main(phantoms.get_args(["--out", str(out), "--n", "4", "--seed", "1", *SMALL_PHANTOMS]))
+    return out

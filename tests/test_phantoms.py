@@ -1,0 +1,104 @@
+"""00_phantoms.py: determinism, anatomy in world coordinates, realistic HU, storage, speed, safety."""
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO, SMALL_PHANTOMS
+
+
+def default_args(phantoms, extra=()):
+    return phantoms.get_args(["--previews", "0", *extra])
+
+
+def world_centroid(lab, affine, k):
+    return (affine @ np.r_[np.argwhere(lab == k).mean(0), 1])[:3]
+
+
+def test_deterministic_per_seed_and_case(phantoms):
+    args = default_args(phantoms)
+    a = phantoms.make_case(0, 3, args)
+    b = phantoms.make_case(0, 3, args)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    c = phantoms.make_case(1, 3, args)
+    assert a[0].shape != c[0].shape or not np.array_equal(a[0], c[0])
+
+
+def test_case_does_not_depend_on_n(tmp_path, phantoms):
+    for n in (2, 3):
+        phantoms.main(phantoms.get_args(["--out", str(tmp_path / f"n{n}"), "--n", str(n), *SMALL_PHANTOMS]))
+    for sub in ("images/Case_00002_0000.nii.gz", "labels/Case_00002.nii.gz"):
+        x, y = (nib.load(tmp_path / f"n{n}" / sub) for n in (2, 3))
+        np.testing.assert_array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj))
+        np.testing.assert_array_equal(x.affine, y.affine)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_anatomy_and_intensities(phantoms, k):
+    hu, lab, aff = phantoms.make_case(0, k, default_args(phantoms))
+    assert hu.dtype == np.int16 and lab.dtype == np.uint8
+    present = set(np.unique(lab).tolist())
+    assert {0, 1, 2, 3, 4} <= present <= {0, 1, 2, 3, 4, 5}
+    liver, kidney, spleen, pancreas = (world_centroid(lab, aff, i) for i in (1, 2, 3, 4))
+    # RAS world: +x is the patient's right, +y anterior.
+    assert liver[0] > 20 and spleen[0] < -20, "liver on the right, spleen on the left"
+    xs = np.array([(aff @ np.r_[i, 0, 0, 1])[0] for i in np.argwhere(lab == 2)[:, 0]])
+    assert xs.min() < -30 and xs.max() > 30, "two kidneys, one each side"
+    pan_x = np.array([(aff @ np.r_[i, 0, 0, 1])[0] for i in np.argwhere(lab == 4)[:, 0]])
+    assert pan_x.min() < -20 and pan_x.max() > 10, "pancreas crosses the midline"
+    assert pancreas[1] > kidney[1], "pancreas lies anterior to the kidneys"
+    med = {i: np.median(hu[lab == i]) for i in (1, 2, 3, 4)}
+    assert 40 < med[1] < 90 and 130 < med[2] < 220 and 30 < med[3] < 80 and 60 < med[4] < 130
+    if 5 in present:  # tumour: hypodense, inside or touching the pancreas
+        assert np.median(hu[lab == 5]) < med[4] - 20
+        from scipy import ndimage
+        assert (ndimage.binary_dilation(lab == 4, iterations=2) & (lab == 5)).any()
+    assert np.median(hu[:3, :3, :]) < -900, "air in the corners"
+    assert (hu > 300).sum() > 100, "bone"
+    assert ((hu > -150) & (hu < -60)).sum() > 0.05 * hu.size, "fat"
+    assert ((hu < -900) & (lab == 0)).sum() > 0, "air / bowel gas"
+
+
+def test_spacing_and_extent_vary(phantoms):
+    args = default_args(phantoms)
+    cases = [phantoms.make_case(0, k, args) for k in range(1, 7)]
+    sp = np.array([np.diag(c[2])[:3] for c in cases])
+    assert np.all(sp[:, 2] > sp[:, 0]), "anisotropic: slices thicker than pixels"
+    assert len(set(np.round(sp[:, 0], 3))) == 6 and len(set(c[0].shape[2] for c in cases)) >= 4
+
+
+def test_files_are_stored_lps_like_with_the_same_world_geometry(tmp_path, phantoms):
+    phantoms.main(phantoms.get_args(["--out", str(tmp_path), "--n", "1", *SMALL_PHANTOMS]))
+    img = nib.load(tmp_path / "images" / "Case_00001_0000.nii.gz")
+    lab = nib.load(tmp_path / "labels" / "Case_00001.nii.gz")
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    np.testing.assert_array_equal(img.affine, lab.affine)
+    hu, ras_lab, ras_aff = phantoms.make_case(0, 1, phantoms.get_args(SMALL_PHANTOMS))
+    for k in (1, 3, 4):  # the same organ sits at the same world position either way
+        np.testing.assert_allclose(world_centroid(np.asarray(lab.dataobj), lab.affine, k),
+                                   world_centroid(ras_lab, ras_aff, k), atol=1e-3)
+
+
+def test_speed_under_a_second_per_case(phantoms):
+    args = default_args(phantoms)
+    phantoms.make_case(0, 1, args)  # warm-up
+    t = time.perf_counter()
+    for k in range(2, 6):
+        phantoms.make_case(0, k, args)
+    per_case = (time.perf_counter() - t) / 4
+    print(f"phantom generation at default (demo) size: {per_case:.2f} s/case")
+    assert per_case < 1.0
+
+
+def test_refuses_to_overwrite_foreign_files(tmp_path):
+    (tmp_path / "images").mkdir()
+    theirs = tmp_path / "images" / "Case_00001_0000.nii.gz"
+    theirs.write_bytes(b"somebody's real AbdomenCT-1K case")
+    r = subprocess.run([sys.executable, str(REPO / "00_phantoms.py"), "--out", str(tmp_path), "--n", "1", *SMALL_PHANTOMS],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "refusing to overwrite" in r.stderr and str(theirs) in r.stderr
+    assert theirs.read_bytes() == b"somebody's real AbdomenCT-1K case"
