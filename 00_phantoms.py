@@ -24,13 +24,14 @@ Deterministic: case k of seed s is the same whatever --n is.
     python 00_phantoms.py --out data/demo/raw --n 8
 """
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from common import atomic_path, save_json, save_preview, write_nifti, xyz_to_dhw
+from common import save_json, save_preview, write_nifti, xyz_to_dhw
 
 LIVER, KIDNEY, SPLEEN, PANCREAS, TUMOUR = 1, 2, 3, 4, 5
 MANIFEST = "phantoms.json"
@@ -272,7 +273,6 @@ def main(args):
     manifest_path = out / MANIFEST
     manifest = {"cases": []}
     if manifest_path.exists():
-        import json
         manifest = json.loads(manifest_path.read_text())
     ours = set(manifest["cases"])
     names = [f"Case_{k:05d}" for k in range(1, args.n + 1)]

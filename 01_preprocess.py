@@ -25,7 +25,6 @@ is only read.
     python 01_preprocess.py --images data/demo/raw/images --labels data/demo/raw/labels --out data/demo/prep
 """
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -37,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import atomic_path, case_id, read_nifti, save_json, save_preview, spacing_of, write_nifti, xyz_to_dhw
+from common import case_id, read_nifti, save_json, save_preview, spacing_of, write_nifti, xyz_to_dhw
 
 PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (REFERENCE.md §1)
     "abdomenct1k": {"spacing": (1.6, 1.6, 2.3), "label_map": None},
@@ -154,10 +153,16 @@ def find_cases(args):
 
 
 # --------------------------------------------------------------------------- reading and checking
+def squeeze_to_3d(a):
+    """Drop trailing singleton axes ((X, Y, Z, 1) exports are common); leave real 4-D alone."""
+    while a.ndim > 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return a
+
+
 def load_image(path):
     img, aff = read_nifti(path, np.float32)
-    while img.ndim > 3 and img.shape[-1] == 1:
-        img = img[..., 0]
+    img = squeeze_to_3d(img)
     if img.ndim != 3:
         raise CaseError(f"{path}: image is {img.ndim}-D with shape {tuple(img.shape)}; expected one 3-D CT volume")
     bad = int(np.count_nonzero(~np.isfinite(img)))
@@ -170,8 +175,7 @@ def load_image(path):
 
 def load_label_file(path, shape, affine):
     lab, aff = read_nifti(path, None)
-    while lab.ndim > 3 and lab.shape[-1] == 1:
-        lab = lab[..., 0]
+    lab = squeeze_to_3d(lab)
     if lab.shape != shape:
         raise CaseError(f"{path}: label shape {tuple(lab.shape)} does not match the image's {tuple(shape)}")
     diff = float(np.abs(aff - affine).max())
@@ -184,7 +188,7 @@ def load_label_file(path, shape, affine):
         lab = np.rint(lab)
     if lab.min() < 0:
         raise CaseError(f"{path}: label map has negative values")
-    return lab.astype(np.int32)
+    return lab if np.issubdtype(lab.dtype, np.integer) else lab.astype(np.int32)  # keep uint8 small
 
 
 def load_totalseg_dir(folder, shape, affine, label_map):
@@ -195,7 +199,7 @@ def load_totalseg_dir(folder, shape, affine, label_map):
     if unknown:
         raise CaseError(f"{folder}: label ids {unknown} have no known TotalSegmentator file name; "
                         f"use a multi-label seg.nii.gz instead")
-    lab = np.zeros(shape, np.int32)
+    lab = np.zeros(shape, np.uint8)  # v2 ids are < 256
     for i in wanted:
         f = folder / f"{names[i]}.nii.gz"
         if f.exists():
