@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import case_id, read_nifti, save_json, save_preview, spacing_of, write_nifti, xyz_to_dhw
+from common import case_id, guard_settings, read_nifti, save_json, save_preview, spacing_of, write_nifti, xyz_to_dhw
 
 PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (REFERENCE.md §1)
     "abdomenct1k": {"spacing": (1.6, 1.6, 2.3), "label_map": None},
@@ -413,22 +413,14 @@ CONFIG_KEYS = ("spacing", "size", "depth", "interp", "organ", "windows", "window
 def main(args):
     t0 = time.perf_counter()
     out = args.out
-    cfg = {k: getattr(args, k) for k in CONFIG_KEYS}
-    cfg = json.loads(json.dumps(cfg))  # tuples -> lists, int keys -> str: the form it has on disk
     inputs = {args.totalseg, args.images, args.labels} - {None}
     if any(out.resolve() == p.resolve() or p.resolve() in out.resolve().parents for p in inputs if p.exists()):
         raise SystemExit(f"error: --out {out} lies inside an input folder; choose another")
-    cfg_path = out / "config.json"
-    if cfg_path.exists() and not args.overwrite:
-        old = json.loads(cfg_path.read_text())
-        changed = [k for k in CONFIG_KEYS if old.get(k) != cfg[k]]
-        if changed:
-            raise SystemExit(f"error: {out} was made with other settings ({', '.join(changed)}); "
-                             f"pass --overwrite to redo it, or choose another --out")
     cases = find_cases(args)
     if not cases:
         raise SystemExit(f"error: no NIfTI cases found in {args.totalseg or args.images}")
-    save_json(cfg, cfg_path)
+    # tuples -> lists, int keys -> str in cfg: the form it has on disk
+    cfg = guard_settings(out / "config.json", {k: getattr(args, k) for k in CONFIG_KEYS}, args.overwrite)
 
     records, todo = {}, []
     for spec in cases:  # resume: keep finished cases whose outputs are all there

@@ -55,6 +55,24 @@ def save_json(obj, path):
         tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
 
 
+def guard_settings(path, settings, overwrite=False):
+    """Record the settings that made an output folder; refuse to mix runs with other settings.
+
+    If `path` exists and differs from `settings` (compared as JSON), exit with a message
+    naming the changed keys unless `overwrite`. Then (re)write `path`.
+    """
+    path = Path(path)
+    settings = json.loads(json.dumps(settings, default=_json_default))  # the form it has on disk
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(f"error: {path.parent} was made with other settings ({', '.join(changed)}); "
+                             f"pass --overwrite to redo it, or choose another output folder")
+    save_json(settings, path)
+    return settings
+
+
 def _json_default(x):
     if isinstance(x, (np.integer, np.floating, np.bool_)):
         return x.item()

@@ -39,3 +39,12 @@ def small_raw(tmp_path_factory, phantoms):
     out = tmp_path_factory.mktemp("raw")
     phantoms.main(phantoms.get_args(["--out", str(out), "--n", "4", "--seed", "1", *SMALL_PHANTOMS]))
     return out
+
+
+@pytest.fixture(scope="session")
+def small_prep(tmp_path_factory, small_raw, prep):
+    """small_raw preprocessed on a small grid (96×96×16 at 3×3×4 mm), with labels."""
+    out = tmp_path_factory.mktemp("prep")
+    prep.main(prep.get_args(["--images", str(small_raw / "images"), "--labels", str(small_raw / "labels"),
+                             "--out", str(out), "--test-fraction", "0.5", *SMALL_PREP]))
+    return out

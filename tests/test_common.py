@@ -163,3 +163,13 @@ def test_load_stage_imports_without_side_effects(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="99_nothing"):
         common.load_stage("99_nothing")
+
+
+def test_guard_settings_refuses_mixing_runs(tmp_path):
+    p = tmp_path / "out" / "config.json"
+    common.guard_settings(p, {"spacing": (1.6, 1.6, 2.3), "organ": 4})
+    common.guard_settings(p, {"spacing": [1.6, 1.6, 2.3], "organ": 4})  # same settings (as JSON): fine
+    with pytest.raises(SystemExit, match=r"other settings \(organ\)"):
+        common.guard_settings(p, {"spacing": (1.6, 1.6, 2.3), "organ": 1})
+    common.guard_settings(p, {"spacing": (1.6, 1.6, 2.3), "organ": 1}, overwrite=True)
+    assert '"organ": 1' in p.read_text()
