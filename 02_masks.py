@@ -41,12 +41,11 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from common import (guard_settings, load_checkpoint, pick_device, choose_precision, read_nifti, save_json,
-                    save_preview, seed_everything, write_nifti, xyz_to_dhw)
+from common import (SOFT_TISSUE, choose_precision, guard_settings, load_checkpoint, pick_device, read_nifti,
+                    save_json, save_preview, seed_everything, write_nifti, xyz_to_dhw)
 
 UNIVERSEG_URL = "https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt"
 POSITIVE_FRACTION = 0.75  # share of support slices that contain the label ("mostly")
-SOFT_TISSUE = ((-200 + 1000) / 1400, (300 + 1000) / 1400)  # preview window (-200..300 HU) on 01's [0, 1] scale
 
 
 def get_args(argv=None):

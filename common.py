@@ -251,6 +251,8 @@ def print0(*args, **kwargs):
 
 # --------------------------------------------------------------------------- previews
 LABEL_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue", 4: "gold", 5: "magenta"}
+# A soft-tissue display window (-200..300 HU) on the [0, 1] scale of 01's default HU window [-1000, 400].
+SOFT_TISSUE = ((-200 + 1000) / 1400, (300 + 1000) / 1400)
 
 
 def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0)):
