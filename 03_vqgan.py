@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import math
-import resource
 import time
 import urllib.error
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (SOFT_TISSUE, choose_precision, load_checkpoint, print0, read_nifti, save_checkpoint, save_json, save_preview,
+from common import (SOFT_TISSUE, choose_precision, load_checkpoint, peak_memory_gb, print0, read_nifti, save_checkpoint, save_json, save_preview,
                     seed_everything, setup_distributed, teardown_distributed, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -469,12 +468,6 @@ def load_split(prep, names):
 
 
 # --------------------------------------------------------------------------- main
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
 def main(args):
     d = setup_distributed(args.device)
     device, rank, world = d.device, d.rank, d.world_size

@@ -12,10 +12,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-# The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN, in data/demo and runs/demo
+# The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN -> latent diffusion, in data/demo and runs/demo
 # (never touches data/raw). The knobs are passed explicitly so you can see them. The grid is
 # CPU-sized: 64x64x32 at 6x6x2.3 mm (the paper: 256x256x32 at 1.6x1.6x2.3 mm), a VQ-GAN of
-# n_hiddens 8 (paper 16) with 512 codes (paper 16384), no LPIPS (its weights need a download).
+# n_hiddens 8 (paper 16) with 512 codes (paper 16384), no LPIPS (its weights need a download);
+# a Unet3D of width 16 (paper 64), batch 8 (paper 20), a few hundred steps.
 DEMO_RUNS := runs/demo
 
 demo: $(VENV)/.installed
@@ -26,6 +27,10 @@ demo: $(VENV)/.installed
 	$(PY) 03_vqgan.py --prep $(DEMO)/prep --out $(DEMO_RUNS)/vqgan --steps 300 --disc-start 200 --batch-size 2 \
 		--n-hiddens 8 --num-groups 8 --n-codes 512 --disc-channels 16 --perceptual-weight 0 --lambda-loc 1 \
 		--log-every 50 --save-every 100 --fresh
+	$(PY) 04_diffusion.py --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --out $(DEMO_RUNS)/diffusion \
+		--cond both --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 --attn-dim-head 16 --batch-size 8 --lr 3e-4 \
+		--steps 400 --ema-start 300 --ema-every 1 --ema-decay 0.99 --log-every 50 --save-every 200 --n-preview 2 \
+		--workers 2 --fresh
 
 # Fast default suite (tests marked slow are left out; `make test-all` runs them too).
 test: $(VENV)/.installed

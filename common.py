@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import sys
 import zlib
 from dataclasses import dataclass
@@ -241,6 +242,13 @@ def setup_distributed(device="auto"):
 def teardown_distributed():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def peak_memory_gb(device):
+    """Peak memory so far, GiB: allocated on the GPU, or the process's peak RSS on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def print0(*args, **kwargs):

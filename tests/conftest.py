@@ -1,4 +1,6 @@
 """Shared fixtures: the repo on sys.path, the ../shared data folder, small phantom sets."""
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,3 +50,13 @@ def small_prep(tmp_path_factory, small_raw, prep):
     prep.main(prep.get_args(["--images", str(small_raw / "images"), "--labels", str(small_raw / "labels"),
                              "--out", str(out), "--test-fraction", "0.5", *SMALL_PREP]))
     return out
+
+
+@pytest.fixture(scope="session")
+def masked_prep(tmp_path_factory, small_prep):
+    """small_prep plus masks from 02 (--method labels)."""
+    prep = shutil.copytree(small_prep, tmp_path_factory.mktemp("masked") / "prep")
+    r = subprocess.run([sys.executable, str(REPO / "02_masks.py"), "--prep", str(prep), "--no-previews"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return prep

@@ -1,0 +1,630 @@
+"""04 · Latent DDPM with Lad's locality condition and classifier-free guidance (paper §3.3, Fig. 2b, 3).
+
+Reads  --prep (default data/prep): images/, masks/ (02), split.json; --vqgan (default runs/vqgan/ckpt.pt).
+Writes --out  (default runs/diffusion):
+    cache.pt       latents of the training volumes, mask latents and Betti vectors, computed once
+                   and reused while the VQ-GAN checkpoint is unchanged
+    ckpt.pt        denoiser + EMA weights, optimiser, scaler, RNG, step, args and constructor arguments
+    log.csv        loss, ms/step, volumes/s, peak memory per log interval
+    previews/      EMA samples conditioned on held-out masks at each save, mask outlined
+
+The denoiser is Medical Diffusion's pseudo-3-D Unet3D (REFERENCE.md §3): (1, 3, 3) convs,
+per-slice linear attention and attention along depth with a relative position bias, full
+attention in the middle, in the VQ-GAN's latent space scaled to [-1, 1]. The Gaussian diffusion
+has 300 steps, a cosine schedule, noise prediction and an L1 loss.
+
+The locality condition c (§3.3.2) joins the time embedding:
+  content   the mask (labels 0/1/2 as floats) through the frozen VQ-GAN encoder, then two
+            *learnable* stride-2 Conv3d 8 -> 4 -> 1, flattened (512 at the paper's shapes);
+  structure per slice and label 0/1/2 the Betti numbers β0, β1 (cubical complex, cripser's
+            T-construction): 32 × 6 = 192, fed as log(1 + β).
+--cond selects Table 2's rows: none (V0, Medical Diffusion), content (V1), structure (V2),
+both (V3; "Full" when the VQ-GAN was trained with the locality loss).
+Classifier-free guidance: with probability --p-uncond 0.25 the condition is replaced by a
+*learned* null embedding.
+
+Where we differ from the authors' release, on purpose (REFERENCE.md §3):
+  1. the two content convs are trained parameters (the release created them anew inside each
+     forward call: fixed random projections that no optimiser ever saw);
+  2. the unconditional "null" condition is a learned embedding (the release used fresh
+     Gaussian noise each time, so ε(z) was never a well-defined prediction);
+  3. sampling applies Eq. 4 for every w, including w = 1 (05_sample.py; the release returned
+     the conditional prediction alone when cond_scale = 1).
+
+    python 04_diffusion.py                                 # the paper: 150k steps, batch 20, --cond both
+    torchrun --nproc_per_node 2 04_diffusion.py --batch-size 10
+    python 04_diffusion.py --cond none --out runs/diffusion_v0   # Medical Diffusion (V0)
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cripser
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (SOFT_TISSUE, choose_precision, load_checkpoint, load_stage, peak_memory_gb, print0, read_nifti,
+                    save_checkpoint, save_preview, seed_everything, setup_distributed, teardown_distributed, xyz_to_dhw)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prep", type=Path, default=Path("data/prep"), help="01/02 output (images/, masks/, split.json)")
+    p.add_argument("--vqgan", type=Path, default=Path("runs/vqgan/ckpt.pt"), help="03's checkpoint (frozen here)")
+    p.add_argument("--out", type=Path, default=Path("runs/diffusion"), help="run folder")
+    m = p.add_argument_group("model (REFERENCE.md §3)")
+    m.add_argument("--cond", choices=["none", "content", "structure", "both"], default="both",
+                   help="locality condition (Table 2): none = V0, content = V1, structure = V2, both = V3/Full")
+    m.add_argument("--dim", type=int, default=64, help="Unet3D base width")
+    m.add_argument("--dim-mults", type=int, nargs="+", default=(1, 2, 4, 8), help="width multipliers per level")
+    m.add_argument("--attn-heads", type=int, default=8)
+    m.add_argument("--attn-dim-head", type=int, default=32)
+    m.add_argument("--timesteps", type=int, default=300, help="diffusion steps T")
+    m.add_argument("--p-uncond", type=float, default=0.25, help="condition dropout for classifier-free guidance (§3.4.2)")
+    t = p.add_argument_group("training (paper §4.1.3)")
+    t.add_argument("--steps", type=int, default=150_000)
+    t.add_argument("--batch-size", type=int, default=20, help="latents per step per GPU (effective batch = this × GPUs × accum)")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--ema-decay", type=float, default=0.995)
+    t.add_argument("--ema-every", type=int, default=10, help="steps between EMA updates (reference)")
+    t.add_argument("--ema-start", type=int, default=2000, help="before this step the EMA copies the weights (reference)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--save-every", type=int, default=1000, help="checkpoint + preview samples")
+    t.add_argument("--n-preview", type=int, default=2, help="EMA samples per preview (held-out masks); 0 = none")
+    t.add_argument("--preview-guidance", type=float, default=1.0, help="w of Eq. 4 for the previews")
+    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for the Betti vectors")
+    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start again")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- structure extractor E_str
+def betti_vector(mask: np.ndarray) -> np.ndarray:
+    """(D, H, W) label volume -> (D·6,) int64: per slice, for labels 0, 1, 2, the Betti numbers
+    β0 (components) and β1 (holes) of the region `slice == label` (§3.3.2, Fig. 3b).
+
+    Cubical complex by cripser's T-construction (pixels are closed squares: the region is
+    8-connected, holes 4-connected; outside the image counts as background). The filtration is
+    0 on the region and 1 elsewhere; a Betti class is born at 0 and still alive at 1. An empty
+    region has β0 = 0 (the release counted 1; REFERENCE.md §4)."""
+    out = np.zeros((len(mask), 6), np.int64)
+    for j, sl in enumerate(mask):
+        for label in range(3):
+            region = sl == label
+            if not region.any():
+                continue
+            if region.all():
+                out[j, 2 * label] = 1
+                continue
+            ph = cripser.computePH_T(np.where(region, 0.0, 1.0), maxdim=1)
+            alive = (ph[:, 1] <= 0.5) & (ph[:, 2] > 0.5)
+            out[j, 2 * label] = np.count_nonzero(alive & (ph[:, 0] == 0))
+            out[j, 2 * label + 1] = np.count_nonzero(alive & (ph[:, 0] == 1))
+    return out.reshape(-1)
+
+
+def structure_features(betti):
+    """Betti counts -> network input: log(1 + β), so a speckled mask's dozens of components
+    do not dwarf the usual 0-3."""
+    return torch.log1p(betti.float())
+
+
+# --------------------------------------------------------------------------- Unet3D (Medical Diffusion)
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        f = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        e = t.float()[:, None] * f[None]
+        return torch.cat([e.sin(), e.cos()], -1)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels with a gain only (the reference's LayerNorm)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps, self.gamma = eps, nn.Parameter(torch.ones(1, dim, 1, 1, 1))
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.gamma
+
+
+class Block(nn.Module):
+    """(1, 3, 3) conv -> GroupNorm(8) -> optional scale/shift from the embedding -> SiLU."""
+
+    def __init__(self, dim, dim_out, groups=8):
+        super().__init__()
+        self.proj, self.norm = nn.Conv3d(dim, dim_out, (1, 3, 3), padding=(0, 1, 1)), nn.GroupNorm(groups, dim_out)
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            x = x * (scale_shift[0] + 1) + scale_shift[1]
+        return F.silu(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, dim, dim_out, emb_dim=None, groups=8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2)) if emb_dim else None
+        self.block1, self.block2 = Block(dim, dim_out, groups), Block(dim_out, dim_out, groups)
+        self.res_conv = nn.Conv3d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, emb=None):
+        ss = self.mlp(emb)[:, :, None, None, None].chunk(2, 1) if self.mlp is not None else None
+        return self.block2(self.block1(x, ss)) + self.res_conv(x)
+
+
+class SpatialLinearAttention(nn.Module):
+    """Linear attention within each slice (softmax over features for q, over positions for k)."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head**-0.5
+        self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
+
+    def forward(self, x):
+        b, c, d, h, w = x.shape
+        x = x.transpose(1, 2).reshape(b * d, c, h, w)
+        q, k, v = (t.reshape(b * d, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, 1))
+        q, k = q.softmax(-2) * self.scale, k.softmax(-1)
+        out = torch.einsum("bhde,bhdn->bhen", torch.einsum("bhdn,bhen->bhde", k, v), q)
+        out = self.to_out(out.reshape(b * d, -1, h, w))
+        return out.reshape(b, d, c, h, w).transpose(1, 2)
+
+
+def rotate_interleaved(x, cos, sin):
+    """Rotary position embedding on interleaved pairs (x0, x1), (x2, x3), ..."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the second-to-last axis, through scaled_dot_product_attention.
+    depth=True: attention along depth for every (h, w), with rotary embeddings and a learned
+    relative position bias (the reference's "temporal" attention)."""
+
+    def __init__(self, dim, heads, dim_head, rotary=False):
+        super().__init__()
+        self.heads, self.dim_head, self.rotary = heads, dim_head, rotary
+        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x, bias=None):  # x (..., n, dim); bias (heads, n, n)
+        *lead, n, _ = x.shape
+        q, k, v = (t.reshape(-1, n, self.heads, self.dim_head).transpose(1, 2) for t in self.to_qkv(x).chunk(3, -1))
+        if self.rotary:
+            rd = min(32, self.dim_head)
+            freqs = 1.0 / (10000 ** (torch.arange(0, rd, 2, device=x.device).float() / rd))
+            ang = torch.arange(n, device=x.device).float()[:, None] * freqs[None]
+            cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
+            q = torch.cat([rotate_interleaved(q[..., :rd], cos, sin), q[..., rd:]], -1)
+            k = torch.cat([rotate_interleaved(k[..., :rd], cos, sin), k[..., rd:]], -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        return self.to_out(out.transpose(1, 2).reshape(*lead, n, -1))
+
+
+class RelativePositionBias(nn.Module):
+    """T5-style bucketed relative positions (32 buckets, max distance 32) -> a bias per head."""
+
+    def __init__(self, heads, buckets=32, max_distance=32):
+        super().__init__()
+        self.buckets, self.max_distance = buckets, max_distance
+        self.relative_attention_bias = nn.Embedding(buckets, heads)
+
+    def forward(self, n, device):
+        pos = torch.arange(n, device=device)
+        rel = -(pos[None, :] - pos[:, None])                    # n = -(k - q)
+        half = self.buckets // 2
+        ret = (rel < 0).long() * half
+        rel = rel.abs()
+        exact = half // 2
+        large = exact + (torch.log(rel.float().clamp_min(1) / exact) / math.log(self.max_distance / exact)
+                         * (half - exact)).long()
+        ret = ret + torch.where(rel < exact, rel, large.clamp_max(half - 1))
+        return self.relative_attention_bias(ret).permute(2, 0, 1)  # (heads, n, n)
+
+
+class DepthAttention(nn.Module):
+    """Residual(PreNorm(attention along depth)): (B, C, D, H, W), each (h, w) column on its own."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.norm, self.attn = ChannelNorm(dim), Attention(dim, heads, dim_head, rotary=True)
+
+    def forward(self, x, bias):
+        b, c, d, h, w = x.shape
+        y = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b, h * w, d, c)
+        return x + self.attn(y, bias).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
+
+
+class SpatialAttention(nn.Module):
+    """Residual(PreNorm(full attention within each slice)) for the middle block."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.norm, self.attn = ChannelNorm(dim), Attention(dim, heads, dim_head)
+
+    def forward(self, x):
+        b, c, d, h, w = x.shape
+        y = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b, d, h * w, c)
+        return x + self.attn(y).reshape(b, d, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+class LinearAttentionBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.norm, self.attn = ChannelNorm(dim), SpatialLinearAttention(dim, heads, dim_head)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+class Unet3D(nn.Module):
+    """ε_θ(z_t, t, c): (B, C, D, H, W) latents -> predicted noise. H and W are halved per level,
+    D is kept (pseudo-3-D). `cond` (B, cond_dim) joins the time embedding; where `drop` is True
+    it is replaced by the learned null embedding (classifier-free guidance)."""
+
+    def __init__(self, channels=8, dim=64, dim_mults=(1, 2, 4, 8), cond_dim=0, heads=8, dim_head=32):
+        super().__init__()
+        self.kwargs = dict(channels=channels, dim=dim, dim_mults=list(dim_mults), cond_dim=cond_dim, heads=heads,
+                           dim_head=dim_head)
+        self.rel_pos_bias = RelativePositionBias(heads)
+        self.init_conv = nn.Conv3d(channels, dim, (1, 7, 7), padding=(0, 3, 3))
+        self.init_depth_attn = DepthAttention(dim, heads, dim_head)
+        time_dim = dim * 4
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+        self.null_cond = nn.Parameter(torch.randn(1, cond_dim)) if cond_dim else None
+        emb = time_dim + cond_dim
+        dims = [dim, *(dim * m for m in dim_mults)]
+        pairs = list(zip(dims[:-1], dims[1:]))
+        last = len(pairs) - 1
+
+        def level(cin, cout, resample):  # 2 ResNet blocks, linear + depth attention, then down/up in H, W
+            re = {"down": nn.Conv3d, "up": nn.ConvTranspose3d}.get(resample)
+            return nn.ModuleList([ResnetBlock(cin, cout, emb), ResnetBlock(cout, cout, emb),
+                                  LinearAttentionBlock(cout, heads, dim_head), DepthAttention(cout, heads, dim_head),
+                                  re(cout, cout, (1, 4, 4), (1, 2, 2), (0, 1, 1)) if re else nn.Identity()])
+
+        self.downs = nn.ModuleList(level(a, b, "down" if i < last else None) for i, (a, b) in enumerate(pairs))
+        mid = dims[-1]
+        self.mid_block1, self.mid_block2 = ResnetBlock(mid, mid, emb), ResnetBlock(mid, mid, emb)
+        self.mid_spatial_attn, self.mid_depth_attn = SpatialAttention(mid, heads, dim_head), DepthAttention(mid, heads, dim_head)
+        self.ups = nn.ModuleList(level(2 * b, a, "up" if i < last else None) for i, (a, b) in enumerate(reversed(pairs)))
+        self.final_block = ResnetBlock(dim * 2, dim)
+        self.final_conv = nn.Conv3d(dim, channels, 1)
+
+    def forward(self, x, t, cond=None, drop=None):
+        bias = self.rel_pos_bias(x.shape[2], x.device)
+        x = self.init_conv(x)
+        r = x.clone()
+        x = self.init_depth_attn(x, bias)
+        emb = self.time_mlp(t)
+        if self.null_cond is not None:
+            if drop is not None:  # classifier-free guidance: the learned null condition
+                cond = torch.where(drop[:, None], self.null_cond.to(cond.dtype), cond)
+            emb = torch.cat([emb, cond.to(emb.dtype)], -1)
+        skips = []
+        for block1, block2, lin_attn, depth_attn, down in self.downs:
+            x = depth_attn(lin_attn(block2(block1(x, emb), emb)), bias)
+            skips.append(x)
+            x = down(x)
+        x = self.mid_block2(self.mid_depth_attn(self.mid_spatial_attn(self.mid_block1(x, emb)), bias), emb)
+        for block1, block2, lin_attn, depth_attn, up in self.ups:
+            x = torch.cat([x, skips.pop()], 1)
+            x = up(depth_attn(lin_attn(block2(block1(x, emb), emb)), bias))
+        return self.final_conv(self.final_block(torch.cat([x, r], 1)))
+
+
+# --------------------------------------------------------------------------- condition extractor + denoiser
+class ConditionExtractor(nn.Module):
+    """E_c = [E_con ; E_str] (Fig. 3a). Content: mask latent (B, 8, d, h, w) -> two learnable
+    stride-2 Conv3d 8 -> 4 -> 1 -> flatten ((1, 2, 16, 16) = 512 at the paper's shapes).
+    Structure: Betti vector (B, D·6) -> log(1 + β)."""
+
+    def __init__(self, mode, latent_shape=(8, 8, 64, 64), depth=32):
+        super().__init__()
+        self.kwargs = dict(mode=mode, latent_shape=list(latent_shape), depth=depth)
+        self.use_content, self.use_structure = mode in ("content", "both"), mode in ("structure", "both")
+        c, *s = latent_shape
+        self.content = nn.Sequential(nn.Conv3d(c, 4, 3, 2, 1), nn.Conv3d(4, 1, 3, 2, 1)) if self.use_content else None
+        reduce = lambda n: (n + 1) // 2
+        self.dim = (math.prod(reduce(reduce(n)) for n in s) if self.use_content else 0) + (depth * 6 if self.use_structure else 0)
+
+    def forward(self, mask_latent, betti):
+        parts = []
+        if self.use_content:
+            parts.append(self.content(mask_latent).flatten(1))
+        if self.use_structure:
+            parts.append(structure_features(betti))
+        return torch.cat(parts, 1) if parts else None
+
+
+class Denoiser(nn.Module):
+    """Condition extractor + Unet3D, trained (and EMA-averaged, checkpointed) together."""
+
+    def __init__(self, extractor_kwargs, unet_kwargs):
+        super().__init__()
+        self.extractor = ConditionExtractor(**extractor_kwargs)
+        self.unet = Unet3D(**{**unet_kwargs, "cond_dim": self.extractor.dim})
+        self.kwargs = dict(extractor_kwargs=self.extractor.kwargs, unet_kwargs=self.unet.kwargs)
+
+    def forward(self, z_t, t, mask_latent=None, betti=None, drop=None):
+        return self.unet(z_t, t, self.extractor(mask_latent, betti), drop)
+
+
+# --------------------------------------------------------------------------- Gaussian diffusion
+class GaussianDiffusion(nn.Module):
+    """DDPM (Ho et al. 2020) with the cosine schedule (Nichol & Dhariwal 2021), T steps,
+    noise prediction. Schedule quantities are computed in float64, stored in float32."""
+
+    def __init__(self, timesteps=300, s=0.008):
+        super().__init__()
+        self.T = timesteps
+        x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
+        ac = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
+        betas = torch.clip(1 - ac[1:] / ac[:-1], 0, 0.9999)  # ᾱ_t = ac_t / ac_0; the ratio cancels ac_0
+        alphas = 1 - betas
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = F.pad(abar[:-1], (1, 0), value=1.0)
+        reg = lambda name, v: self.register_buffer(name, v.float(), persistent=False)
+        reg("betas", betas), reg("alphas_cumprod", abar), reg("alphas_cumprod_prev", abar_prev)
+        reg("sqrt_abar", abar.sqrt()), reg("sqrt_1m_abar", (1 - abar).sqrt())
+        reg("sqrt_recip_abar", (1 / abar).sqrt()), reg("sqrt_recipm1_abar", (1 / abar - 1).sqrt())
+        post_var = betas * (1 - abar_prev) / (1 - abar)
+        reg("posterior_variance", post_var), reg("posterior_log_variance", post_var.clamp_min(1e-20).log())
+        reg("posterior_coef1", betas * abar_prev.sqrt() / (1 - abar)), reg("posterior_coef2", (1 - abar_prev) * alphas.sqrt() / (1 - abar))
+
+    @staticmethod
+    def _at(a, t, x):
+        return a[t].view(-1, *([1] * (x.ndim - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """z_t = sqrt(ᾱ_t)·z_0 + sqrt(1 - ᾱ_t)·ε."""
+        return self._at(self.sqrt_abar, t, x0) * x0 + self._at(self.sqrt_1m_abar, t, x0) * noise
+
+    def predict_x0(self, x_t, t, eps):
+        return self._at(self.sqrt_recip_abar, t, x_t) * x_t - self._at(self.sqrt_recipm1_abar, t, x_t) * eps
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and log variance of q(z_{t-1} | z_t, z_0)."""
+        mean = self._at(self.posterior_coef1, t, x_t) * x0 + self._at(self.posterior_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_variance, t, x_t), self._at(self.posterior_log_variance, t, x_t)
+
+    def loss(self, denoiser, x0, cond_inputs, p_uncond, generator=None):
+        """L1 between the noise and its prediction at a uniform random t; the condition dropped
+        (learned null embedding) with probability p_uncond per sample."""
+        b = len(x0)
+        t = torch.randint(0, self.T, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        drop = torch.rand(b, device=x0.device, generator=generator) < p_uncond
+        return F.l1_loss(denoiser(self.q_sample(x0, t, noise), t, *cond_inputs, drop=drop), noise)
+
+    @torch.no_grad()
+    def p_step(self, x_t, t, eps, noise):
+        """One ancestral step: x̂0 from ε, clipped to [-1, 1]; the posterior mean plus noise (none at t = 0)."""
+        x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
+        mean, _, logvar = self.q_posterior(x0, x_t, t)
+        nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))
+        return mean + nonzero * (0.5 * logvar).exp() * noise
+
+
+def guided_eps(denoiser, z, t, cond_inputs, w):
+    """Eq. 4: ε̃ = (1 + w)·ε(z, c) − w·ε(z). Conditional and unconditional passes run as one
+    batch; w = 0 gives the conditional prediction; an unconditional model (V0) ignores w."""
+    if denoiser.extractor.dim == 0 or w == 0:
+        return denoiser(z, t, *cond_inputs)
+    b = len(z)
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=z.device), torch.ones(b, dtype=torch.bool, device=z.device)])
+    eps = denoiser(torch.cat([z, z]), torch.cat([t, t]), *(torch.cat([c, c]) for c in cond_inputs), drop=drop)
+    eps_c, eps_u = eps.chunk(2)
+    return (1 + w) * eps_c - w * eps_u
+
+
+@torch.no_grad()
+def ddpm_sample(diffusion, denoiser, shape, cond_inputs, w=1.0, generator=None, device="cpu", precision=None):
+    """Ancestral sampling over all T steps (the paper's sampler), classifier-free guided."""
+    z = torch.randn(shape, device=device, generator=generator)
+    for i in reversed(range(diffusion.T)):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        with precision.autocast() if precision else contextlib.nullcontext():
+            eps = guided_eps(denoiser, z, t, cond_inputs, w).float()
+        z = diffusion.p_step(z, t, eps, torch.randn(shape, device=device, generator=generator))
+    return z
+
+
+# --------------------------------------------------------------------------- latents (cached)
+def latent_scale(vqgan):
+    """The codebook's min and max: latents are mapped to [-1, 1] with them (REFERENCE.md §3)."""
+    e = vqgan.codebook.embeddings
+    return float(e.min()), float(e.max())
+
+
+def to_unit(z, lo, hi):
+    return (z - lo) / (hi - lo) * 2 - 1
+
+
+def from_unit(z, lo, hi):
+    return (z + 1) / 2 * (hi - lo) + lo
+
+
+@torch.no_grad()
+def encode_all(vqgan, arrays, device, batch=4):
+    """(N, D, H, W) arrays -> pre-quantisation latents (N, C, d, h, w) on the CPU."""
+    out = []
+    for i in range(0, len(arrays), batch):
+        x = torch.as_tensor(np.stack(arrays[i:i + batch]))[:, None].float().to(device)
+        out.append(vqgan.encode(x, quantize=False).float().cpu())
+    return torch.cat(out)
+
+
+def build_cache(args, names, vqgan, device):
+    """Latents of the volumes ([0, 1] -> [-1, 1] -> encoder), of the masks (labels 0/1/2 as
+    floats -> encoder), Betti vectors; reused while the VQ-GAN checkpoint is unchanged."""
+    stat = args.vqgan.stat()
+    key = {"vqgan": str(args.vqgan.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "names": names}
+    path = args.out / "cache.pt"
+    if path.exists():
+        cache = load_checkpoint(path)
+        if cache["key"] == key:
+            print0(f"latent cache {path} is current ({len(names)} volumes)")
+            return cache
+    t0 = time.perf_counter()
+    vols = [xyz_to_dhw(read_nifti(args.prep / "images" / f"{n}.nii.gz")[0]) * 2 - 1 for n in names]
+    masks = []
+    for n in names:
+        mp = args.prep / "masks" / f"{n}.nii.gz"
+        if not mp.exists():
+            raise SystemExit(f"error: {mp} not found: run 02_masks.py first")
+        masks.append(xyz_to_dhw(read_nifti(mp, None)[0]))
+    with ProcessPoolExecutor(max(1, min(args.workers, len(masks)))) as pool:
+        betti = torch.from_numpy(np.stack(list(pool.map(betti_vector, masks))))
+    lo, hi = latent_scale(vqgan)
+    cache = {"key": key, "names": names, "scale": [lo, hi],
+             "latents": to_unit(encode_all(vqgan, vols, device), lo, hi),
+             "mask_latents": encode_all(vqgan, [m.astype(np.float32) for m in masks], device),
+             "betti": betti, "masks": torch.from_numpy(np.stack(masks))}
+    save_checkpoint(cache, path)
+    print0(f"encoded {len(names)} volumes and masks, {len(names)} Betti vectors in {time.perf_counter() - t0:.1f} s -> {path}")
+    return cache
+
+
+# --------------------------------------------------------------------------- main
+def main(args):
+    d = setup_distributed(args.device)
+    device, rank, world = d.device, d.rank, d.world_size
+    seed_everything(args.seed + rank)
+    prec = choose_precision(device, args.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    vq = load_stage("03_vqgan")
+    vqgan = vq.load_vqgan(args.vqgan, device)
+    split = json.loads((args.prep / "split.json").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        build_cache(args, split["train"], vqgan, device)
+    if world > 1:
+        dist.barrier()
+    cache = load_checkpoint(args.out / "cache.pt")
+    lo, hi = cache["scale"]
+    z0, mz, betti = cache["latents"].to(device), cache["mask_latents"].to(device), cache["betti"].to(device)
+    n_train, latent_shape, depth = len(z0), tuple(z0.shape[1:]), cache["masks"].shape[1]
+
+    model = Denoiser(dict(mode=args.cond, latent_shape=latent_shape, depth=depth),
+                     dict(channels=latent_shape[0], dim=args.dim, dim_mults=args.dim_mults, heads=args.attn_heads,
+                          dim_head=args.attn_dim_head)).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion(args.timesteps).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
+
+    step, ckpt_path = 0, args.out / "ckpt.pt"
+    if ckpt_path.exists() and not args.fresh:
+        ck = load_checkpoint(ckpt_path, map_location=device)
+        if ck["model_kwargs"] != model.kwargs:
+            raise SystemExit(f"error: {ckpt_path} holds a model with {ck['model_kwargs']}; this run asks for "
+                             f"{model.kwargs}. Use another --out, or --fresh")
+        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        prec.scaler.load_state_dict(ck["scaler"]), torch.set_rng_state(ck["rng"]["torch"]), gen.set_state(ck["rng"]["gen"])
+        step = ck["step"]
+        print0(f"resumed from {ckpt_path} at step {step}")
+    model_t = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    test_names = split["test"][: args.n_preview]
+
+    def save(step):
+        if rank != 0:
+            return
+        rng = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+        save_checkpoint({"step": step, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                         "model_kwargs": model.kwargs, "timesteps": args.timesteps, "latent_scale": [lo, hi],
+                         "vqgan": str(args.vqgan), "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "scaler": prec.scaler.state_dict(), "rng": rng}, ckpt_path)
+        if test_names:
+            preview(step)
+
+    @torch.no_grad()
+    def preview(step):  # EMA samples conditioned on held-out masks, decoded, mask outlined
+        masks = [xyz_to_dhw(read_nifti(args.prep / "masks" / f"{n}.nii.gz", None)[0]) for n in test_names]
+        cond = (encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device),
+                torch.from_numpy(np.stack([betti_vector(m) for m in masks])).to(device))
+        g = torch.Generator(device=device).manual_seed(0)
+        z = ddpm_sample(diffusion, ema, (len(masks), *latent_shape), cond, args.preview_guidance, g, device, prec)
+        vols = ((vqgan.decode(from_unit(z, lo, hi), quantize=True).float().clamp(-1, 1) + 1) / 2)[:, 0]
+        save_preview(args.out / "previews" / f"step{step:07d}.png", list(vols), masks,
+                     [f"{n} mask, w={args.preview_guidance}" for n in test_names], vrange=SOFT_TISSUE)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); {n_train} latents "
+           f"{latent_shape}; {world} process(es) on {device}, {prec.name}; batch {args.batch_size}×{world}×{args.grad_accum}, "
+           f"lr {args.lr}, p_uncond {args.p_uncond}")
+    log_path = args.out / "log.csv"
+    fields = ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
+    if rank == 0 and (step == 0 or not log_path.exists()):
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(fields)
+    loss_sum, t_last, n_last = torch.zeros((), device=device), time.perf_counter(), step
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    model_t.train()
+    while step < args.steps:
+        opt.zero_grad(set_to_none=True)
+        for _ in range(args.grad_accum):
+            idx = torch.randint(n_train, (args.batch_size,), device=device, generator=gen)
+            with prec.autocast():
+                loss = diffusion.loss(model_t, z0[idx], (mz[idx], betti[idx]), args.p_uncond, gen) / args.grad_accum
+            prec.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        prec.scaler.step(opt)
+        prec.scaler.update()
+        step += 1
+        with torch.no_grad():  # EMA (reference: copy before ema_start, then every ema_every steps)
+            if step < args.ema_start:
+                torch._foreach_copy_(ema_params, params)
+            elif step % args.ema_every == 0:
+                torch._foreach_lerp_(ema_params, params, 1 - args.ema_decay)
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.perf_counter() - t_last
+            loss_v = loss_sum.item() / (step - n_last)
+            ms, vps = 1000 * dt / (step - n_last), (step - n_last) * args.batch_size * args.grad_accum * world / dt
+            row = [step, loss_v, ms, vps, peak_memory_gb(device)]
+            if rank == 0:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, peak {row[-1]:.2f} GB")
+            loss_sum.zero_()
+            t_last, n_last = time.perf_counter(), step
+        if step % args.save_every == 0 or step == args.steps:
+            save(step)
+    print0(f"wrote {ckpt_path} (step {step}), {log_path}, previews in {args.out / 'previews'}")
+    teardown_distributed()
+
+
+def load_denoiser(path, device="cpu", ema=True):
+    """Rebuild the (EMA) denoiser and its diffusion from a 04 checkpoint alone."""
+    ck = load_checkpoint(path, map_location="cpu")
+    model = Denoiser(**ck["model_kwargs"])
+    model.load_state_dict(ck["ema" if ema else "model"])
+    return model.to(device).eval().requires_grad_(False), GaussianDiffusion(ck["timesteps"]).to(device), ck
+
+
+if __name__ == "__main__":
+    main(get_args())
