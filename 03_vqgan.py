@@ -79,7 +79,11 @@ def get_args(argv=None):
     t.add_argument("--log-every", type=int, default=50, help="steps per log line / CSV row")
     t.add_argument("--save-every", type=int, default=1000, help="steps per checkpoint + preview")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start again")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.perceptual_weight > 0 and args.perceptual_weights is None:
+        p.error("the perceptual loss needs pretrained VGG16/LPIPS weights: --perceptual-weights DIR (with "
+                "vgg16-397923af.pth and vgg.pth) or --perceptual-weights auto (download); or --perceptual-weight 0")
+    return args
 
 
 # --------------------------------------------------------------------------- autoencoder
@@ -493,8 +497,6 @@ def main(args):
     disc2d = PatchGAN(2, args.disc_channels, args.disc_layers).to(device)
     disc3d = PatchGAN(3, args.disc_channels, args.disc_layers).to(device)
     lpips = load_lpips(args.perceptual_weights).to(device) if args.perceptual_weight > 0 else None
-    if args.perceptual_weight > 0 and args.perceptual_weights is None:
-        raise SystemExit("error: the perceptual loss needs --perceptual-weights DIR|auto (or --perceptual-weight 0)")
     opt_ae = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=device.type == "cuda")
     opt_d = torch.optim.Adam(list(disc2d.parameters()) + list(disc3d.parameters()), lr=args.lr, betas=(0.5, 0.9),
                              fused=device.type == "cuda")

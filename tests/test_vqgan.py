@@ -172,6 +172,9 @@ def test_lpips_loads_torchvision_and_lpips_files(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit, match="cannot get the LPIPS/VGG16 weights"):
         vq.load_lpips("auto")
+    # the paper's default weight without weight files: a clear error before any work
+    r = subprocess.run([sys.executable, str(REPO / "03_vqgan.py"), "--prep", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "--perceptual-weights DIR" in r.stderr and "--perceptual-weight 0" in r.stderr
 
 
 def two_phantom_volumes(small_prep):
