@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-# The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN -> latent diffusion, in data/demo and runs/demo
+# The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN -> latent diffusion -> samples, in data/demo and runs/demo
 # (never touches data/raw). The knobs are passed explicitly so you can see them. The grid is
 # CPU-sized: 64x64x32 at 6x6x2.3 mm (the paper: 256x256x32 at 1.6x1.6x2.3 mm), a VQ-GAN of
 # n_hiddens 8 (paper 16) with 512 codes (paper 16384), no LPIPS (its weights need a download);
@@ -31,6 +31,8 @@ demo: $(VENV)/.installed
 		--cond both --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 --attn-dim-head 16 --batch-size 8 --lr 3e-4 \
 		--steps 400 --ema-start 300 --ema-every 1 --ema-decay 0.99 --log-every 50 --save-every 200 --n-preview 2 \
 		--workers 2 --fresh
+	$(PY) 05_sample.py --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --diffusion $(DEMO_RUNS)/diffusion/ckpt.pt \
+		--out $(DEMO_RUNS)/samples --n 4 --aug-per-mask 1 --guidance 1.0 --sampler ddim --steps 50 --batch-size 4 --overwrite
 
 # Fast default suite (tests marked slow are left out; `make test-all` runs them too).
 test: $(VENV)/.installed
