@@ -96,7 +96,7 @@ def elastic_field(rng, shape, alpha, sigma):
     return f * (alpha / max(np.abs(f).max(), 1e-8))
 
 
-def condition_plan(names, n, aug_per_mask, original, seed):
+def condition_plan(names, n, aug_per_mask, original):
     """The list of (sample id, source case, augmentation index or None) for n samples:
     cycle over [original?, aug 1..K] × cases."""
     variants = ([None] if original else []) + list(range(1, aug_per_mask + 1))
@@ -153,7 +153,7 @@ def main(args):
     prep_cfg = json.loads((args.prep / "config.json").read_text())
     hu_lo, hu_hi = prep_cfg["hu"]
     names = json.loads((args.prep / "split.json").read_text())["train"]
-    plan = condition_plan(names, args.n or len(names), args.aug_per_mask, not args.no_original, args.seed)
+    plan = condition_plan(names, args.n or len(names), args.aug_per_mask, not args.no_original)
     mine = [p for i, p in enumerate(plan) if i % world == rank]  # torchrun: shard the samples
     done = lambda sid: (args.out / f"{sid}.nii.gz").exists() and (args.out / f"{sid}_mask.nii.gz").exists()
     todo = [p for p in mine if args.overwrite or not done(p[0])]
