@@ -20,8 +20,7 @@ Volumes are [0, 1] on disk (01) and [-1, 1] inside the networks, as in the relea
     python 03_vqgan.py                                    # paper: 100k steps, batch 2, λ = 1 (one GPU)
     torchrun --nproc_per_node 2 03_vqgan.py               # the same on two GPUs (DDP)
     python 03_vqgan.py --lambda-loc 0 --out runs/vqgan_l0 # Medical Diffusion baseline (Table 2, V3 vs Full)
-    python 03_vqgan.py --prep data/demo/prep --out runs/demo/vqgan --steps 300 --disc-start 200 \\
-        --perceptual-weight 0 --n-codes 512 --save-every 100      # CPU demo
+    make demo                                             # CPU demo: small settings, see the Makefile
 """
 import argparse
 import csv
