@@ -23,7 +23,6 @@ Volumes are [0, 1] on disk (01) and [-1, 1] inside the networks, as in the relea
     make demo                                             # CPU demo: small settings, see the Makefile
 """
 import argparse
-import csv
 import json
 import math
 import time
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (SOFT_TISSUE, choose_precision, load_checkpoint, peak_memory_gb, print0, read_nifti, save_checkpoint, save_json, save_preview,
-                    seed_everything, setup_distributed, teardown_distributed, xyz_to_dhw)
+from common import (SOFT_TISSUE, csv_logger, load_checkpoint, peak_memory_gb, print0, read_nifti, save_checkpoint,
+                    save_json, save_preview, start_run, teardown_distributed, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -472,12 +471,8 @@ def load_split(prep, names):
 
 # --------------------------------------------------------------------------- main
 def main(args):
-    d = setup_distributed(args.device)
+    d, prec = start_run(args.device, args.precision, args.seed)
     device, rank, world = d.device, d.rank, d.world_size
-    seed_everything(args.seed + rank)
-    prec = choose_precision(device, args.precision)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     out = args.out
     split = json.loads((args.prep / "split.json").read_text())
     train = load_split(args.prep, split["train"])
@@ -544,12 +539,9 @@ def main(args):
            f"{shape}{' on the GPU' if on_gpu else ''}; {world} process(es) on {device}, {prec.name}; "
            f"batch {args.batch_size}×{world}, lr {args.lr}, λ_loc {args.lambda_loc}")
     log_path = out / "log.csv"
-    out.mkdir(parents=True, exist_ok=True)
     fields = ["step", "l1", "commitment", "perceptual", "g_image", "g_volume", "feat_match", "locality", "d_loss",
               "perplexity", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
-    if rank == 0 and (step == 0 or not log_path.exists()):
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
+    log_row = csv_logger(log_path, fields, fresh=step == 0, enabled=rank == 0)
     sums = torch.zeros(len(fields) - 4, device=device)
     t_last, n_last, x = time.perf_counter(), step, None
     model_t.train(), d2_t.train(), d3_t.train()
@@ -563,7 +555,8 @@ def main(args):
             x_rec = x_rec.float()
             # one random slice per volume, the same for x and x̂ (2-D discriminator and LPIPS)
             z = torch.randint(shape[0], (len(x),), device=device)
-            sl, sl_rec = x[torch.arange(len(x)), :, z], x_rec[torch.arange(len(x)), :, z]  # (B, 1, H, W)
+            b = torch.arange(len(x), device=device)  # built on the device: no host-to-device copy per step
+            sl, sl_rec = x[b, :, z], x_rec[b, :, z]                                # (B, 1, H, W)
             l1 = F.l1_loss(x_rec, x)
             perceptual = lpips(sl, sl_rec).mean() if lpips is not None else torch.zeros((), device=device)
             loc = locality_loss(x, x_rec, bx, hb)
@@ -603,9 +596,7 @@ def main(args):
             ms = 1000 * dt / (step - n_last)
             vps = (step - n_last) * args.batch_size * world / dt
             row = [step, *vals, ms, vps, peak_memory_gb(device)]
-            if rank == 0:
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            log_row(row)
             print0(f"step {step:>7} | l1 {vals[0]:.4f} commit {vals[1]:.4f} perc {vals[2]:.4f} g {vals[3]:.3f}/{vals[4]:.3f} "
                    f"feat {vals[5]:.4f} loc {vals[6]:.4f} d {vals[7]:.3f} | perplexity {vals[8]:.1f} | "
                    f"{ms:.0f} ms/step, {vps:.2f} vol/s, peak {row[-1]:.2f} GB")

@@ -38,7 +38,6 @@ Where we differ from the authors' release, on purpose (REFERENCE.md §3):
 import argparse
 import contextlib
 import copy
-import csv
 import json
 import math
 import os
@@ -54,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (SOFT_TISSUE, choose_precision, load_checkpoint, load_stage, peak_memory_gb, print0, read_nifti,
-                    save_checkpoint, save_preview, seed_everything, setup_distributed, teardown_distributed, xyz_to_dhw)
+from common import (SOFT_TISSUE, csv_logger, load_checkpoint, load_stage, peak_memory_gb, print0, read_nifti,
+                    save_checkpoint, save_preview, start_run, teardown_distributed, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -511,21 +510,16 @@ def build_cache(args, names, vqgan, device):
 
 # --------------------------------------------------------------------------- main
 def main(args):
-    d = setup_distributed(args.device)
+    d, prec = start_run(args.device, args.precision, args.seed)
     device, rank, world = d.device, d.rank, d.world_size
-    seed_everything(args.seed + rank)
-    prec = choose_precision(device, args.precision)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     vq = load_stage("03_vqgan")
     vqgan = vq.load_vqgan(args.vqgan, device)
     split = json.loads((args.prep / "split.json").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        build_cache(args, split["train"], vqgan, device)
+    cache = build_cache(args, split["train"], vqgan, device) if rank == 0 else None
     if world > 1:
-        dist.barrier()
-    cache = load_checkpoint(args.out / "cache.pt")
+        dist.barrier()  # the other ranks read what rank 0 built
+    cache = cache or load_checkpoint(args.out / "cache.pt")
     lo, hi = cache["scale"]
     z0, mz, betti = cache["latents"].to(device), cache["mask_latents"].to(device), cache["betti"].to(device)
     n_train, latent_shape, depth = len(z0), tuple(z0.shape[1:]), cache["masks"].shape[1]
@@ -562,11 +556,13 @@ def main(args):
         if test_names:
             preview(step)
 
+    # the held-out masks of the previews and their conditions, prepared once
+    masks = [xyz_to_dhw(read_nifti(args.prep / "masks" / f"{n}.nii.gz", None)[0]) for n in test_names]
+    cond = (encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device),
+            torch.from_numpy(np.stack([betti_vector(m) for m in masks])).to(device)) if masks else None
+
     @torch.no_grad()
     def preview(step):  # EMA samples conditioned on held-out masks, decoded, mask outlined
-        masks = [xyz_to_dhw(read_nifti(args.prep / "masks" / f"{n}.nii.gz", None)[0]) for n in test_names]
-        cond = (encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device),
-                torch.from_numpy(np.stack([betti_vector(m) for m in masks])).to(device))
         g = torch.Generator(device=device).manual_seed(0)
         z = ddpm_sample(diffusion, ema, (len(masks), *latent_shape), cond, args.preview_guidance, g, device, prec)
         vols = ((vqgan.decode(from_unit(z, lo, hi), quantize=True).float().clamp(-1, 1) + 1) / 2)[:, 0]
@@ -578,10 +574,8 @@ def main(args):
            f"{latent_shape}; {world} process(es) on {device}, {prec.name}; batch {args.batch_size}×{world}×{args.grad_accum}, "
            f"lr {args.lr}, p_uncond {args.p_uncond}")
     log_path = args.out / "log.csv"
-    fields = ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
-    if rank == 0 and (step == 0 or not log_path.exists()):
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
+    log_row = csv_logger(log_path, ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"],
+                         fresh=step == 0, enabled=rank == 0)
     loss_sum, t_last, n_last = torch.zeros((), device=device), time.perf_counter(), step
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
@@ -606,9 +600,7 @@ def main(args):
             loss_v = loss_sum.item() / (step - n_last)
             ms, vps = 1000 * dt / (step - n_last), (step - n_last) * args.batch_size * args.grad_accum * world / dt
             row = [step, loss_v, ms, vps, peak_memory_gb(device)]
-            if rank == 0:
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            log_row(row)
             print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, peak {row[-1]:.2f} GB")
             loss_sum.zero_()
             t_last, n_last = time.perf_counter(), step

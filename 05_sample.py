@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common import (SOFT_TISSUE, choose_precision, dhw_to_xyz, load_stage, print0, read_nifti, save_json,
-                    save_preview, setup_distributed, teardown_distributed, write_nifti, xyz_to_dhw)
+from common import (SOFT_TISSUE, dhw_to_xyz, load_stage, print0, read_nifti, save_json, save_preview, start_run,
+                    teardown_distributed, write_nifti, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -143,9 +143,8 @@ def ddim_step(diffusion, z, t, eps, t_prev):
 
 # --------------------------------------------------------------------------- main
 def main(args):
-    dist_ = setup_distributed(args.device)
+    dist_, prec = start_run(args.device, args.precision, args.seed)
     device, rank, world = dist_.device, dist_.rank, dist_.world_size
-    prec = choose_precision(device, args.precision)
     dm, vq = load_stage("04_diffusion"), load_stage("03_vqgan")
     vqgan = vq.load_vqgan(args.vqgan, device)
     denoiser, diffusion, ck = dm.load_denoiser(args.diffusion, device)

@@ -13,6 +13,7 @@ Conventions used by every stage
   (1, 32, 256, 256) tensor, as in the paper (REFERENCE.md §1).
 """
 import contextlib
+import csv
 import importlib.util
 import json
 import os
@@ -237,6 +238,34 @@ def setup_distributed(device="auto"):
     backend = "nccl" if dev.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     return Dist(rank, world, local, dev)
+
+
+def start_run(device="auto", precision="auto", seed=0):
+    """The first lines of every training/sampling script: torchrun/DDP set-up, a seed per rank,
+    the precision, cuDNN autotuning on CUDA. Returns (Dist, Precision)."""
+    d = setup_distributed(device)
+    seed_everything(seed + d.rank)
+    prec = choose_precision(d.device, precision)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return d, prec
+
+
+def csv_logger(path, fields, fresh, enabled=True):
+    """A training log: `path` gets a header when the run starts fresh (or the file is missing),
+    rows are appended after that, so a resumed run continues the same file. Returns write(row);
+    floats are written with 6 significant digits. enabled=False (ranks > 0) writes nothing."""
+    path = Path(path)
+    if enabled and (fresh or not path.exists()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(fields)
+
+    def write(row):
+        if enabled:
+            with open(path, "a", newline="") as f:
+                csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    return write
 
 
 def teardown_distributed():

@@ -173,3 +173,15 @@ def test_guard_settings_refuses_mixing_runs(tmp_path):
         common.guard_settings(p, {"spacing": (1.6, 1.6, 2.3), "organ": 1})
     common.guard_settings(p, {"spacing": (1.6, 1.6, 2.3), "organ": 1}, overwrite=True)
     assert '"organ": 1' in p.read_text()
+
+
+def test_csv_logger_starts_fresh_and_appends_on_resume(tmp_path):
+    p = tmp_path / "run" / "log.csv"
+    write = common.csv_logger(p, ["step", "loss"], fresh=True)
+    write([1, 0.123456789])
+    common.csv_logger(p, ["step", "loss"], fresh=False)([2, 0.5])  # a resumed run continues the file
+    assert p.read_text().splitlines() == ["step,loss", "1,0.123457", "2,0.5"]
+    common.csv_logger(p, ["step", "loss"], fresh=True, enabled=False)([3, 1.0])  # rank > 0: writes nothing
+    assert p.read_text().splitlines()[-1] == "2,0.5"
+    common.csv_logger(p, ["step", "loss"], fresh=True)
+    assert p.read_text().splitlines() == ["step,loss"]
