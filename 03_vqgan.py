@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (SOFT_TISSUE, csv_logger, load_checkpoint, peak_memory_gb, print0, read_nifti, save_checkpoint,
-                    save_json, save_preview, start_run, teardown_distributed, xyz_to_dhw)
+from common import (csv_logger, load_checkpoint, peak_memory_gb, print0, read_nifti, save_checkpoint, save_json,
+                    save_preview, soft_tissue, start_run, teardown_distributed, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -531,7 +531,7 @@ def main(args):
         with torch.no_grad():  # preview: first sample of the last batch, box drawn
             b = box_mask(bx[:1], shape)[0, 0].cpu().numpy().astype(np.uint8)
             save_preview(out / "previews" / f"step{step:07d}.png", [(x[0, 0] + 1) / 2, (x_rec[0, 0].float().clamp(-1, 1) + 1) / 2],
-                         [b, b], ["input", f"reconstruction, step {step}"], vrange=SOFT_TISSUE)
+                         [b, b], ["input", f"reconstruction, step {step}"], vrange=soft_tissue(args.prep))
 
     print0(f"VQ-GAN {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params (encoder "
            f"{sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M, decoder "

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (SOFT_TISSUE, csv_logger, load_checkpoint, load_stage, peak_memory_gb, print0, read_nifti,
-                    save_checkpoint, save_preview, start_run, teardown_distributed, xyz_to_dhw)
+from common import (csv_logger, load_checkpoint, load_stage, peak_memory_gb, print0, read_nifti, save_checkpoint,
+                    save_preview, soft_tissue, start_run, teardown_distributed, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -567,7 +567,7 @@ def main(args):
         z = ddpm_sample(diffusion, ema, (len(masks), *latent_shape), cond, args.preview_guidance, g, device, prec)
         vols = ((vqgan.decode(from_unit(z, lo, hi), quantize=True).float().clamp(-1, 1) + 1) / 2)[:, 0]
         save_preview(args.out / "previews" / f"step{step:07d}.png", list(vols), masks,
-                     [f"{n} mask, w={args.preview_guidance}" for n in test_names], vrange=SOFT_TISSUE)
+                     [f"{n} mask, w={args.preview_guidance}" for n in test_names], vrange=soft_tissue(args.prep))
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); {n_train} latents "

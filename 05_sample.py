@@ -5,7 +5,7 @@ Reads  --prep (default data/prep): masks/ (02, the original mask set), images/ (
 Writes --out (default runs/samples):
     <id>.nii.gz          int16 HU volume, the affine of the preprocessed case its mask came from
     <id>_mask.nii.gz     the (augmented) mask it was conditioned on, uint8 0/1/2
-    previews.png         middle slices of the first samples with their masks outlined
+    previews.png         the first samples through their organ's centroid, masks outlined
     samples.json         per sample: source case, augmentation, seed
 
 Condition augmentation (§3.4.1): the original masks (unless --no-original, Table 2's "×" rows)
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common import (SOFT_TISSUE, dhw_to_xyz, load_stage, print0, read_nifti, save_json, save_preview, start_run,
+from common import (dhw_to_xyz, load_stage, print0, read_nifti, save_json, save_preview, soft_tissue, start_run,
                     teardown_distributed, write_nifti, xyz_to_dhw)
 
 
@@ -195,7 +195,8 @@ def main(args):
         if shown:
             vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo) for s in shown]
             ms = [xyz_to_dhw(read_nifti(args.out / f"{s}_mask.nii.gz", None)[0]) for s in shown]
-            save_preview(args.out / "previews.png", vols, ms, shown, vrange=SOFT_TISSUE)
+            centres = [np.argwhere(m > 0).mean(0) if (m > 0).any() else None for m in ms]  # through the organ
+            save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep), centres=centres)
         dt = time.perf_counter() - t0
         print0(f"wrote {len(records)} new volumes (+ masks) to {args.out}/ "
                f"({dt / max(len(records), 1):.2f} s/volume); {len(plan)} in the plan; preview {args.out / 'previews.png'}")

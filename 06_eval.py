@@ -317,7 +317,9 @@ def fid(a, b, eps=1e-6):
     a, b = as_float64(a), as_float64(b)
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():  # with fewer volumes than features Σ is singular; the check below decides
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"fid: singular covariance product; adding {eps} to the diagonal of both covariances")
         offset = np.eye(len(s1)) * eps

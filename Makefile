@@ -12,27 +12,42 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-# The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN -> latent diffusion -> samples, in data/demo and runs/demo
-# (never touches data/raw). The knobs are passed explicitly so you can see them. The grid is
-# CPU-sized: 64x64x32 at 6x6x2.3 mm (the paper: 256x256x32 at 1.6x1.6x2.3 mm), a VQ-GAN of
-# n_hiddens 8 (paper 16) with 512 codes (paper 16384), no LPIPS (its weights need a download);
-# a Unet3D of width 16 (paper 64), batch 8 (paper 20), 1500 steps (about 8 min).
-DEMO_RUNS := runs/demo
+# The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN -> latent diffusion (Lad and the V0 baseline)
+# -> samples -> evaluation, in data/demo and runs/demo (never touches data/raw). The knobs are passed
+# explicitly so you can see them. Everything is CPU-sized:
+#   grid      64x64x32 at 6x6x2.3 mm (paper: 256x256x32 at 1.6x1.6x2.3 mm), HU window -200..300 (paper:
+#             -1000..400) so that the tiny models spend their few steps on soft tissue, not on air and bone;
+#   VQ-GAN    n_hiddens 8 (paper 16), 512 codes (paper 16384), no LPIPS (its weights need a download), 300 steps;
+#   diffusion Unet3D width 16 (paper 64), batch 8 (paper 20), $(DIFF_STEPS) steps; Lad (--cond both) and V0
+#             (--cond none) with the same budget, trained side by side on one core each;
+#   eval      MedicalNet ResNet-10 with random weights (the pretrained files need a download), a width-8
+#             fidelity probe for 300 steps.
+DEMO_RUNS  := runs/demo
+DIFF_STEPS := 800
+DIFF_ARGS  := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 \
+	--attn-dim-head 16 --batch-size 8 --lr 1e-3 --steps $(DIFF_STEPS) --ema-start 400 --ema-every 1 --ema-decay 0.99 \
+	--log-every 200 --save-every $(DIFF_STEPS) --n-preview 2 --workers 1 --fresh
+SAMPLE_ARGS := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --n 12 --aug-per-mask 1 --guidance 1.0 \
+	--sampler ddim --steps 50 --batch-size 5 --overwrite
 
 demo: $(VENV)/.installed
-	$(PY) 00_phantoms.py --out $(DEMO)/raw --n 12 --seed 0
+	$(PY) 00_phantoms.py --out $(DEMO)/raw --n 16 --seed 0
 	$(PY) 01_preprocess.py --images $(DEMO)/raw/images --labels $(DEMO)/raw/labels --out $(DEMO)/prep \
-		--dataset abdomenct1k --size 64 --depth 32 --spacing 6 6 2.3 --organ 4 --workers 2 --overwrite
+		--dataset abdomenct1k --size 64 --depth 32 --spacing 6 6 2.3 --hu -200 300 --organ 4 --n-test 4 --workers 2 --overwrite
 	$(PY) 02_masks.py --prep $(DEMO)/prep --method labels --organ 4 --tumour 5 --overwrite
 	$(PY) 03_vqgan.py --prep $(DEMO)/prep --out $(DEMO_RUNS)/vqgan --steps 300 --disc-start 200 --batch-size 2 \
 		--n-hiddens 8 --num-groups 8 --n-codes 512 --disc-channels 16 --perceptual-weight 0 --lambda-loc 1 \
 		--log-every 50 --save-every 100 --fresh
-	$(PY) 04_diffusion.py --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --out $(DEMO_RUNS)/diffusion \
-		--cond both --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 --attn-dim-head 16 --batch-size 8 --lr 5e-4 \
-		--steps 1500 --ema-start 1000 --ema-every 1 --ema-decay 0.995 --log-every 250 --save-every 1500 \
-		--n-preview 2 --workers 2 --fresh
-	$(PY) 05_sample.py --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --diffusion $(DEMO_RUNS)/diffusion/ckpt.pt \
-		--out $(DEMO_RUNS)/samples --n 4 --aug-per-mask 1 --guidance 1.0 --sampler ddim --steps 50 --batch-size 4 --overwrite
+	@echo "training Lad (--cond both) and V0 (--cond none) side by side; V0's log: $(DEMO_RUNS)/diffusion_v0.log"
+	OMP_NUM_THREADS=1 $(PY) 04_diffusion.py $(DIFF_ARGS) --cond none --out $(DEMO_RUNS)/diffusion_v0 \
+		> $(DEMO_RUNS)/diffusion_v0.log 2>&1 & v0=$$!; \
+	OMP_NUM_THREADS=1 $(PY) 04_diffusion.py $(DIFF_ARGS) --cond both --out $(DEMO_RUNS)/diffusion; lad=$$?; \
+	wait $$v0; v0=$$?; tail -n 2 $(DEMO_RUNS)/diffusion_v0.log; [ $$lad -eq 0 ] && [ $$v0 -eq 0 ]
+	$(PY) 05_sample.py $(SAMPLE_ARGS) --diffusion $(DEMO_RUNS)/diffusion/ckpt.pt --out $(DEMO_RUNS)/samples
+	$(PY) 05_sample.py $(SAMPLE_ARGS) --diffusion $(DEMO_RUNS)/diffusion_v0/ckpt.pt --out $(DEMO_RUNS)/samples_v0
+	$(PY) 06_eval.py --real $(DEMO)/prep --fake lad=$(DEMO_RUNS)/samples --fake v0=$(DEMO_RUNS)/samples_v0 \
+		--out $(DEMO_RUNS)/eval --med3d-depth 10 --pairs 400 --fidelity-steps 300 --fidelity-batch 16 --fidelity-width 8
+	$(PY) tests/learning_checks.py $(DEMO_RUNS)
 
 # Fast default suite (tests marked slow are left out; `make test-all` runs them too).
 test: $(VENV)/.installed

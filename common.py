@@ -288,16 +288,23 @@ def print0(*args, **kwargs):
 
 # --------------------------------------------------------------------------- previews
 LABEL_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue", 4: "gold", 5: "magenta"}
-# A soft-tissue display window (-200..300 HU) on the [0, 1] scale of 01's default HU window [-1000, 400].
-SOFT_TISSUE = ((-200 + 1000) / 1400, (300 + 1000) / 1400)
 
 
-def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0)):
-    """PNG of the middle axial, coronal and sagittal slices, one row per volume.
+def soft_tissue(prep=None):
+    """The display window -200..300 HU on the [0, 1] scale of the HU window 01 used (prep/config.json's
+    "hu"; the paper's [-1000, 400] when there is no config). For previews only."""
+    cfg = Path(prep) / "config.json" if prep is not None else None
+    lo, hi = json.loads(cfg.read_text())["hu"] if cfg is not None and cfg.is_file() else (-1000.0, 400.0)
+    return max(0.0, (-200 - lo) / (hi - lo)), min(1.0, (300 - lo) / (hi - lo))
+
+
+def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0), centres=None):
+    """PNG of the axial, coronal and sagittal slices through the middle (or `centres`), one row per volume.
 
     images: a (D, H, W) array/tensor or a list of them (network layout, RAS axes);
     labels: matching integer volumes (or None) drawn as coloured contours;
-    spacing: (dz, dy, dx) in mm, for the aspect ratio of coronal and sagittal views.
+    spacing: (dz, dy, dx) in mm, for the aspect ratio of coronal and sagittal views;
+    centres: a (z, y, x) voxel per row where the three slices cross (None: the middle), e.g. an organ's centroid.
     Shown in radiological convention: anterior up, the patient's right on the image's left.
     """
     import matplotlib
@@ -310,14 +317,15 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
     titles = titles if isinstance(titles, (list, tuple)) else [titles] * len(images)
     dz, dy, dx = spacing
     fig, axes = plt.subplots(len(images), 3, figsize=(9, 3.2 * len(images)), squeeze=False)
-    for row, (img, lab, title) in enumerate(zip(images, labels, titles)):
+    centres = centres if centres is not None else [None] * len(images)
+    for row, (img, lab, title, centre) in enumerate(zip(images, labels, titles, centres)):
         img, lab = as_np(img).squeeze(), as_np(lab)
         lab = None if lab is None else lab.squeeze()
-        d, h, w = img.shape
+        z, y, x = (int(round(c)) for c in centre) if centre is not None else (s // 2 for s in img.shape)
         views = [  # (slice, aspect, name); flips give anterior-up / patient-right-left / superior-up
-            (lambda v: v[d // 2][::-1, ::-1], dy / dx, f"axial z={d // 2}"),
-            (lambda v: v[:, h // 2][::-1, ::-1], dz / dx, f"coronal y={h // 2}"),
-            (lambda v: v[:, :, w // 2][::-1, ::-1], dz / dy, f"sagittal x={w // 2}"),
+            (lambda v: v[z][::-1, ::-1], dy / dx, f"axial z={z}"),
+            (lambda v: v[:, y][::-1, ::-1], dz / dx, f"coronal y={y}"),
+            (lambda v: v[:, :, x][::-1, ::-1], dz / dy, f"sagittal x={x}"),
         ]
         for col, (take, aspect, name) in enumerate(views):
             ax = axes[row, col]

@@ -1,4 +1,5 @@
 """common.py: NIfTI geometry, atomic writes, checkpoints, precision, distributed, previews, stages."""
+import json
 import os
 import pickle
 import socket
@@ -155,6 +156,17 @@ def test_save_preview_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+def test_save_preview_slices_through_the_given_centres(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to read its titles
+    img = np.zeros((8, 20, 24), np.float32)
+    common.save_preview(tmp_path / "p.png", [img, img], None, ["a", "b"], centres=[(3, 12.4, 5.6), None])
+    titles = [ax.get_title() for ax in figs[0].axes]
+    assert titles[:3] == ["a · axial z=3", "coronal y=12", "sagittal x=6"]
+    assert titles[3:] == ["b · axial z=4", "coronal y=10", "sagittal x=12"]       # the middle
+
+
 def test_load_stage_imports_without_side_effects(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stage run by accident would write data/ here
     sys.modules.pop("00_phantoms", None)
@@ -185,3 +197,11 @@ def test_csv_logger_starts_fresh_and_appends_on_resume(tmp_path):
     assert p.read_text().splitlines()[-1] == "2,0.5"
     common.csv_logger(p, ["step", "loss"], fresh=True)
     assert p.read_text().splitlines() == ["step,loss"]
+
+
+def test_soft_tissue_window_follows_the_prep_hu_window(tmp_path):
+    assert common.soft_tissue(None) == pytest.approx((800 / 1400, 1300 / 1400))   # the paper's [-1000, 400]
+    (tmp_path / "config.json").write_text(json.dumps({"hu": [-200, 300]}))
+    assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 1.0))
+    (tmp_path / "config.json").write_text(json.dumps({"hu": [-100, 900]}))
+    assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 0.4))             # -200 HU clipped to the window
