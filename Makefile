@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := data/demo
 
-.PHONY: demo demo-ssl test test-all clean-demo
+.PHONY: demo demo-ssl reproduce test test-all clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ demo-ssl: $(VENV)/.installed
 	$(PY) 07_ssl_seg.py --prep $(DEMO)/prep --synthetic lad=$(DEMO_RUNS)/samples --out $(DEMO_RUNS)/ssl_untrained \
 		--train real --iters 0 --runs 3 --backbone resnet18 --sp-min-size 100 --pool-train 1 --pool-test 1 \
 		--workers 2 --overwrite
+
+# The paper on a GPU: Tables 1-3, Figures 4 and 6 (scripts/reproduce_paper.sh says which data and weights to set;
+# QUICK=1 shortens the schedule, NGPU=N uses torchrun, DRY=1 prints the commands).
+reproduce: $(VENV)/.installed
+	bash scripts/reproduce_paper.sh
 
 # Fast default suite (tests marked slow are left out; `make test-all` runs them too).
 test: $(VENV)/.installed
