@@ -135,15 +135,17 @@ def conv_bn_shortcut(in_channels, out_channels, stride):
 
 
 class BasicBlock(nn.Module):
-    """3³ conv (stride, dilation) -> BN -> ReLU -> 3³ conv (dilation) -> BN, + shortcut, ReLU."""
+    """3³ conv (stride, dilation) -> BN -> ReLU -> 3³ conv (dilation) -> BN, + shortcut, ReLU.
+    dims=2 gives the same block in 2-D (07_ssl_seg.py's ResNet, torchvision's key names)."""
     expansion = 1
 
-    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None, dims=3):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        self.conv1 = conv(in_channels, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = bn(planes)
+        self.conv2 = conv(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = bn(planes)
         self.downsample = downsample
 
     def forward(self, x):
@@ -152,17 +154,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1³ conv -> 3³ conv (stride, dilation) -> 1³ conv to 4·planes, BN after each, + shortcut, ReLU."""
+    """1³ conv -> 3³ conv (stride, dilation) -> 1³ conv to 4·planes, BN after each, + shortcut, ReLU
+    (the stride on the 3³ conv, as MedicalNet and torchvision's v1.5). dims=2: the 2-D block."""
     expansion = 4
 
-    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None, dims=3):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * 4)
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        self.conv1 = conv(in_channels, planes, 1, bias=False)
+        self.bn1 = bn(planes)
+        self.conv2 = conv(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = bn(planes)
+        self.conv3 = conv(planes, planes * 4, 1, bias=False)
+        self.bn3 = bn(planes * 4)
         self.downsample = downsample
 
     def forward(self, x):

@@ -58,7 +58,7 @@ from torch import nn
 from common import (atomic_path, csv_logger, guard_settings, load_checkpoint, load_stage, peak_memory_gb, print0,
                     read_nifti, save_checkpoint, save_json, seed_everything, start_run, xyz_to_dhw)
 
-ev = load_stage("06_eval")  # to_unit (05's HU -> [0, 1]), fake_pairs, dice: the same data contracts as 06
+ev = load_stage("06_eval")  # to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks: shared with 06
 
 DEEPLAB_URL = "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"
 RANDOM_NOTE = "backbone randomly initialised (the reference starts from COCO weights): not comparable to the paper"
@@ -154,43 +154,8 @@ RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 
            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
 
 
-class BasicBlock(nn.Module):
-    """3×3 (stride, dilation) -> BN -> ReLU -> 3×3 (dilation) -> BN, + shortcut, ReLU. torchvision refuses
-    dilation in BasicBlock; we allow it, so resnet18/34 give output stride 8 too (CPU runs only)."""
-    expansion = 1
-
-    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    """1×1 -> 3×3 (stride, dilation) -> 1×1 to 4·planes, BN after each, + shortcut, ReLU (torchvision's v1.5)."""
-    expansion = 4
-
-    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+# The residual blocks are 06's MedicalNet blocks in 2-D (dims=2): the same layers and key names as torchvision's.
+# torchvision refuses dilation in BasicBlock; these allow it, so resnet18/34 give output stride 8 too (CPU runs).
 
 
 class ResNet(nn.Module):
@@ -199,7 +164,7 @@ class ResNet(nn.Module):
     def __init__(self, name="resnet101"):
         super().__init__()
         kind, blocks = RESNETS[name]
-        block = BasicBlock if kind == "basic" else Bottleneck
+        block = ev.BasicBlock if kind == "basic" else ev.Bottleneck
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -223,9 +188,9 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, previous, downsample)]
+        layers = [block(self.inplanes, planes, stride, previous, downsample, dims=2)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, 1, self.dilation) for _ in range(1, n)]
+        layers += [block(self.inplanes, planes, 1, self.dilation, dims=2) for _ in range(1, n)]
         return nn.Sequential(*layers)
 
     def forward(self, x):
