@@ -36,7 +36,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import case_id, guard_settings, read_nifti, save_json, save_preview, spacing_of, write_nifti, xyz_to_dhw
+from common import (case_id, guard_settings, read_nifti, save_json, save_preview, soft_tissue, spacing_of, write_nifti,
+                    xyz_to_dhw)
 
 PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (REFERENCE.md §1)
     "abdomenct1k": {"spacing": (1.6, 1.6, 2.3), "label_map": None},
@@ -387,7 +388,7 @@ def _process(spec, cfg, warnings):
             sp = cfg["spacing"]  # shown in a soft-tissue window (-200..300 HU) so organs are visible
             save_preview(Path(cfg["out"]) / "previews" / f"{name}.png", xyz_to_dhw(image),
                          None if label is None else xyz_to_dhw(label), name, spacing=(sp[2], sp[1], sp[0]),
-                         vrange=((-200 - lo) / (hi - lo), (300 - lo) / (hi - lo)))
+                         vrange=soft_tissue(hu=(lo, hi)))
         outputs.append(name)
         windows.append(w)
     return {**info, "resampled_shape": list(n_out), "outputs": outputs, "windows": windows}

@@ -46,7 +46,7 @@ from scipy import linalg
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from common import atomic_path, pick_device, read_nifti, save_json, seed_everything, xyz_to_dhw
+from common import atomic_path, pick_device, read_nifti, save_figure, save_json, seed_everything, xyz_to_dhw
 
 RANDOM_NOTE = "random features — not comparable to the paper"
 
@@ -601,10 +601,7 @@ def plot_mds(path, embed, groups, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------- mask fidelity
@@ -642,20 +639,19 @@ def dice(pred, target):
 def train_segnet(vols, masks, steps, batch, width, device, seed):
     """Train SegNet2D on the axial slices of (vols (N, D, H, W) [0, 1], masks (N, D, H, W) 0/1/2):
     cross-entropy + soft Dice on the organ, half of each batch drawn from slices that show it."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # slices drawn on the device: no copy per step
     torch.manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(vols)).flatten(0, 1)[:, None].to(device)    # (N·D, 1, H, W)
     y = torch.from_numpy(np.stack(masks).astype(np.int64)).flatten(0, 1).to(device)       # (N·D, H, W)
-    pos = torch.nonzero(y.flatten(1).amax(1) > 0).flatten().cpu()
+    pos = torch.nonzero(y.flatten(1).amax(1) > 0).flatten()                               # slices with organ
+    half = batch // 2 if len(pos) else 0
     net = SegNet2D(width).to(device)
-    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4, fused=torch.device(device).type == "cuda")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(steps, 1), pct_start=0.1)
     for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        if len(pos):
-            half = batch // 2
-            idx[:half] = pos[torch.randint(0, len(pos), (half,), generator=g)]
-        idx = idx.to(device)
+        idx = torch.randint(0, len(x), (batch,), generator=g, device=device)
+        if half:
+            idx[:half] = pos[torch.randint(0, len(pos), (half,), generator=g, device=device)]
         logits = net(x[idx])
         prob = logits.softmax(1)
         fg, ref = prob[:, 1:].sum(1), (y[idx] > 0).float()
@@ -775,10 +771,18 @@ def main(args):
     # --- mask fidelity: train on each set, test on the real test split
     t0 = time.perf_counter()
     if args.fidelity_steps > 0:
-        _, test_vols, test_masks = load_set(real_pairs(args.real, split["test"]), hu)
-        _, tr_vols, tr_masks = load_set(real_pairs(args.real, split["train"]), hu)
+        loaded = dict(zip(names, zip(real, real_masks)))  # the real volumes read above are not read again
+
+        def real_split_set(wanted):
+            new = [n for n in wanted if n not in loaded]
+            if new:
+                got_names, v, m = load_set(real_pairs(args.real, new), hu)
+                loaded.update(zip(got_names, zip(v, m)))
+            return [loaded[n][0] for n in wanted if n in loaded], [loaded[n][1] for n in wanted if n in loaded]
+
         usable = lambda v, m: ([x for x, y in zip(v, m) if y is not None], [y for y in m if y is not None])
-        test_vols, test_masks = usable(test_vols, test_masks)
+        test_vols, test_masks = usable(*real_split_set(split["test"]))
+        tr_vols, tr_masks = real_split_set(split["train"])
         if not test_masks:
             print(f"mask fidelity skipped: no masks for the real test split in {args.real / 'masks'}")
         else:

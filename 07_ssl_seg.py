@@ -56,7 +56,7 @@ from scipy import ndimage
 from torch import nn
 
 from common import (atomic_path, csv_logger, guard_settings, load_checkpoint, load_stage, peak_memory_gb, print0,
-                    read_nifti, save_checkpoint, save_json, seed_everything, start_run, xyz_to_dhw)
+                    read_nifti, save_checkpoint, save_figure, save_json, seed_everything, start_run, xyz_to_dhw)
 
 ev = load_stage("06_eval")  # to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks: shared with 06
 
@@ -655,10 +655,7 @@ def plot_dice(path, summary, organs, title):
     ax.set_ylim(0, 1)
     ax.set_title(textwrap.fill(title, 110), fontsize=7)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def save_episodes(path, data, args, n=4):
@@ -678,10 +675,7 @@ def save_episodes(path, data, args, n=4):
                 ax.contour(m[0, 0].cpu().numpy()[::-1, ::-1], levels=[0.5], colors="gold", linewidths=0.8)
             ax.set_title(f"episode {j} {name}", fontsize=7)
             ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # --------------------------------------------------------------------------- main

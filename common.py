@@ -290,11 +290,13 @@ def print0(*args, **kwargs):
 LABEL_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue", 4: "gold", 5: "magenta"}
 
 
-def soft_tissue(prep=None):
-    """The display window -200..300 HU on the [0, 1] scale of the HU window 01 used (prep/config.json's
-    "hu"; the paper's [-1000, 400] when there is no config). For previews only."""
+def soft_tissue(prep=None, hu=None):
+    """The display window -200..300 HU on the [0, 1] scale of 01's HU window: `hu` (lo, hi) when given,
+    else prep/config.json's "hu", else the paper's [-1000, 400]. For previews only."""
     cfg = Path(prep) / "config.json" if prep is not None else None
-    lo, hi = json.loads(cfg.read_text())["hu"] if cfg is not None and cfg.is_file() else (-1000.0, 400.0)
+    if hu is None:
+        hu = json.loads(cfg.read_text())["hu"] if cfg is not None and cfg.is_file() else (-1000.0, 400.0)
+    lo, hi = hu
     return max(0.0, (-200 - lo) / (hi - lo)), min(1.0, (300 - lo) / (hi - lo))
 
 
@@ -336,9 +338,16 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
                     ax.contour(sl == k, levels=[0.5], colors=LABEL_COLOURS.get(int(k), "white"), linewidths=0.8)
             ax.set_title(f"{title} · {name}" if title and col == 0 else name, fontsize=8)
             ax.axis("off")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path, dpi=90):
+    """Lay out a matplotlib figure, write it atomically (PNG from the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
 
 

@@ -19,7 +19,7 @@ LAD_OVER_V0 = 0.05            # Lad's organ Dice minus V0's, same probe, same bu
 
 
 def losses(log_csv):
-    rows = list(csv.DictReader(open(log_csv)))
+    rows = list(csv.DictReader(Path(log_csv).read_text().splitlines()))
     return float(rows[0]["loss"]), float(rows[-1]["loss"])
 
 

@@ -205,3 +205,4 @@ def test_soft_tissue_window_follows_the_prep_hu_window(tmp_path):
     assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 1.0))
     (tmp_path / "config.json").write_text(json.dumps({"hu": [-100, 900]}))
     assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 0.4))             # -200 HU clipped to the window
+    assert common.soft_tissue(tmp_path, hu=(-1000, 400)) == pytest.approx((800 / 1400, 1300 / 1400))  # hu wins
