@@ -77,6 +77,7 @@ def get_args(argv=None):
     t.add_argument("--log-every", type=int, default=50, help="steps per log line / CSV row")
     t.add_argument("--save-every", type=int, default=1000, help="steps per checkpoint + preview")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start again")
+    t.add_argument("--compile", action="store_true", help="torch.compile the autoencoder and discriminators (GPU)")
     args = p.parse_args(argv)
     if args.perceptual_weight > 0 and args.perceptual_weights is None:
         p.error("the perceptual loss needs pretrained VGG16/LPIPS weights: --perceptual-weights DIR (with "
@@ -469,6 +470,53 @@ def load_split(prep, names):
     return (torch.from_numpy(np.stack(vols)[:, None]).half(), torch.tensor(boxes), torch.tensor(has, dtype=torch.float))
 
 
+# --------------------------------------------------------------------------- training step
+def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
+    """One step of Eq. 1 + λ·Eq. 2 for the autoencoder, then (once `gan_on`) one hinge step for both
+    discriminators. x (B, 1, D, H, W) in [-1, 1]; bx, hb the precomputed organ boxes. Returns the
+    reconstruction and the detached losses [l1, commitment, perceptual, g_image, g_volume, feat_match,
+    locality, d_loss, perplexity]. Nothing here waits for the device (bench.py times this function)."""
+    (model_t, d2_t, d3_t), (opt_ae, opt_d), device = nets, opts, x.device
+    with prec.autocast():
+        x_rec, commitment, perplexity = model_t(x)
+        x_rec = x_rec.float()
+        # one random slice per volume, the same for x and x̂ (2-D discriminator and LPIPS)
+        z = torch.randint(x.shape[2], (len(x),), device=device)
+        b = torch.arange(len(x), device=device)  # built on the device: no host-to-device copy per step
+        sl, sl_rec = x[b, :, z], x_rec[b, :, z]                                # (B, 1, H, W)
+        l1 = F.l1_loss(x_rec, x)
+        perceptual = lpips(sl, sl_rec).mean() if lpips is not None else torch.zeros((), device=device)
+        loc = locality_loss(x, x_rec, bx, hb)
+        zero = torch.zeros((), device=device)
+        g_img = g_vol = feat = zero
+        if gan_on:
+            (lf2, ff2), (lf3, ff3) = d2_t(sl_rec), d3_t(x_rec)
+            g_img, g_vol = -lf2.mean(), -lf3.mean()
+            with torch.no_grad():
+                _, fr2 = d2_t(sl)
+                _, fr3 = d3_t(x)
+            # feature matching, weight 4 / (n_layers + 1) per layer as in the reference
+            fw = 4.0 / (args.disc_layers + 1)
+            feat = sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff2[:-1], fr2[:-1])) * (args.image_gan_weight > 0) + \
+                sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff3[:-1], fr3[:-1])) * (args.volume_gan_weight > 0)
+        loss = (args.l1_weight * l1 + commitment + args.perceptual_weight * perceptual
+                + args.image_gan_weight * g_img + args.volume_gan_weight * g_vol
+                + args.gan_feat_weight * feat + args.lambda_loc * loc)                  # Eq. 1 + λ·Eq. 2
+    opt_ae.zero_grad(set_to_none=True)
+    prec.scaler.scale(loss).backward()
+    prec.scaler.step(opt_ae)
+    d_loss = zero
+    if gan_on:  # discriminator step: hinge loss on real vs reconstructed (detached)
+        with prec.autocast():
+            d_loss = args.image_gan_weight * hinge_d_loss(d2_t(sl)[0], d2_t(sl_rec.detach())[0]) + \
+                args.volume_gan_weight * hinge_d_loss(d3_t(x)[0], d3_t(x_rec.detach())[0])
+        opt_d.zero_grad(set_to_none=True)
+        prec.scaler.scale(d_loss).backward()
+        prec.scaler.step(opt_d)
+    prec.scaler.update()
+    return x_rec, torch.stack([l1, commitment, perceptual, g_img, g_vol, feat, loc, d_loss, perplexity]).detach().float()
+
+
 # --------------------------------------------------------------------------- main
 def main(args):
     d, prec = start_run(args.device, args.precision, args.seed)
@@ -517,6 +565,8 @@ def main(args):
         model_t, d2_t, d3_t = ddp(model), ddp(disc2d), ddp(disc3d)
     else:
         model_t, d2_t, d3_t = model, disc2d, disc3d
+    if args.compile:
+        model_t, d2_t, d3_t = (torch.compile(m) for m in (model_t, d2_t, d3_t))
 
     def save(step):
         if rank != 0:
@@ -550,45 +600,9 @@ def main(args):
         x = to_device(vols[idx]).float() * 2 - 1                                    # (B, 1, D, H, W) in [-1, 1]
         bx, hb = to_device(boxes[idx]), to_device(has_box[idx])                     # precomputed boxes (B, 6)
         gan_on = step >= args.disc_start  # disc_factor of the reference: 0 before, 1 after
-        with prec.autocast():
-            x_rec, commitment, perplexity = model_t(x)
-            x_rec = x_rec.float()
-            # one random slice per volume, the same for x and x̂ (2-D discriminator and LPIPS)
-            z = torch.randint(shape[0], (len(x),), device=device)
-            b = torch.arange(len(x), device=device)  # built on the device: no host-to-device copy per step
-            sl, sl_rec = x[b, :, z], x_rec[b, :, z]                                # (B, 1, H, W)
-            l1 = F.l1_loss(x_rec, x)
-            perceptual = lpips(sl, sl_rec).mean() if lpips is not None else torch.zeros((), device=device)
-            loc = locality_loss(x, x_rec, bx, hb)
-            zero = torch.zeros((), device=device)
-            g_img = g_vol = feat = zero
-            if gan_on:
-                (lf2, ff2), (lf3, ff3) = d2_t(sl_rec), d3_t(x_rec)
-                g_img, g_vol = -lf2.mean(), -lf3.mean()
-                with torch.no_grad():
-                    _, fr2 = d2_t(sl)
-                    _, fr3 = d3_t(x)
-                # feature matching, weight 4 / (n_layers + 1) per layer as in the reference
-                fw = 4.0 / (args.disc_layers + 1)
-                feat = sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff2[:-1], fr2[:-1])) * (args.image_gan_weight > 0) + \
-                    sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff3[:-1], fr3[:-1])) * (args.volume_gan_weight > 0)
-            loss = (args.l1_weight * l1 + commitment + args.perceptual_weight * perceptual
-                    + args.image_gan_weight * g_img + args.volume_gan_weight * g_vol
-                    + args.gan_feat_weight * feat + args.lambda_loc * loc)                  # Eq. 1 + λ·Eq. 2
-        opt_ae.zero_grad(set_to_none=True)
-        prec.scaler.scale(loss).backward()
-        prec.scaler.step(opt_ae)
-        d_loss = zero
-        if gan_on:  # discriminator step: hinge loss on real vs reconstructed (detached)
-            with prec.autocast():
-                d_loss = args.image_gan_weight * hinge_d_loss(d2_t(sl)[0], d2_t(sl_rec.detach())[0]) + \
-                    args.volume_gan_weight * hinge_d_loss(d3_t(x)[0], d3_t(x_rec.detach())[0])
-            opt_d.zero_grad(set_to_none=True)
-            prec.scaler.scale(d_loss).backward()
-            prec.scaler.step(opt_d)
-        prec.scaler.update()
+        x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, bx, hb, gan_on, args)
         step += 1
-        sums += torch.stack([l1, commitment, perceptual, g_img, g_vol, feat, loc, d_loss, perplexity]).detach().float()
+        sums += stats
 
         if step % args.log_every == 0 or step == args.steps:  # the only host syncs: once per interval
             vals = (sums / (step - n_last)).tolist()

@@ -88,6 +88,7 @@ def get_args(argv=None):
     t.add_argument("--preview-guidance", type=float, default=1.0, help="w of Eq. 4 for the previews")
     t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for the Betti vectors")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start again")
+    t.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU; the first steps are slow)")
     return p.parse_args(argv)
 
 
@@ -508,6 +509,34 @@ def build_cache(args, names, vqgan, device):
     return cache
 
 
+# --------------------------------------------------------------------------- training step
+def train_step(model_t, diffusion, opt, prec, data, batch_size, grad_accum, p_uncond, gen):
+    """One optimiser step: `grad_accum` batches of `batch_size` drawn on the device from
+    data = (latents, mask latents, Betti vectors), all resident there. Returns the detached loss
+    (a device tensor: nothing here waits for the device; bench.py times this function)."""
+    z0, mz, betti = data
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=z0.device)
+    for _ in range(grad_accum):
+        idx = torch.randint(len(z0), (batch_size,), device=z0.device, generator=gen)
+        with prec.autocast():
+            loss = diffusion.loss(model_t, z0[idx], (mz[idx], betti[idx]), p_uncond, gen) / grad_accum
+        prec.scaler.scale(loss).backward()
+        total += loss.detach().float()
+    prec.scaler.step(opt)
+    prec.scaler.update()
+    return total
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, step, start, every, decay):
+    """The reference's EMA: a copy of the weights before `start`, then a lerp every `every` steps."""
+    if step < start:
+        torch._foreach_copy_(ema_params, params)
+    elif step % every == 0:
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
 # --------------------------------------------------------------------------- main
 def main(args):
     d, prec = start_run(args.device, args.precision, args.seed)
@@ -543,6 +572,7 @@ def main(args):
         step = ck["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
     model_t = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    model_t = torch.compile(model_t) if args.compile else model_t
     test_names = split["test"][: args.n_preview]
 
     def save(step):
@@ -580,21 +610,10 @@ def main(args):
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
     while step < args.steps:
-        opt.zero_grad(set_to_none=True)
-        for _ in range(args.grad_accum):
-            idx = torch.randint(n_train, (args.batch_size,), device=device, generator=gen)
-            with prec.autocast():
-                loss = diffusion.loss(model_t, z0[idx], (mz[idx], betti[idx]), args.p_uncond, gen) / args.grad_accum
-            prec.scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        prec.scaler.step(opt)
-        prec.scaler.update()
+        loss_sum += train_step(model_t, diffusion, opt, prec, (z0, mz, betti), args.batch_size, args.grad_accum,
+                               args.p_uncond, gen)
         step += 1
-        with torch.no_grad():  # EMA (reference: copy before ema_start, then every ema_every steps)
-            if step < args.ema_start:
-                torch._foreach_copy_(ema_params, params)
-            elif step % args.ema_every == 0:
-                torch._foreach_lerp_(ema_params, params, 1 - args.ema_decay)
+        ema_update(ema_params, params, step, args.ema_start, args.ema_every, args.ema_decay)
         if step % args.log_every == 0 or step == args.steps:
             dt = time.perf_counter() - t_last
             loss_v = loss_sum.item() / (step - n_last)

@@ -60,6 +60,7 @@ def get_args(argv=None):
     s.add_argument("--seed", type=int, default=0, help="sample i uses seed (seed, i)")
     s.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     s.add_argument("--device", default="auto")
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's U-Net (GPU, many samples)")
     p.add_argument("--overwrite", action="store_true", help="redo samples that already exist (default: skip them)")
     return p.parse_args(argv)
 
@@ -148,6 +149,8 @@ def main(args):
     dm, vq = load_stage("04_diffusion"), load_stage("03_vqgan")
     vqgan = vq.load_vqgan(args.vqgan, device)
     denoiser, diffusion, ck = dm.load_denoiser(args.diffusion, device)
+    if args.compile:
+        denoiser.unet = torch.compile(denoiser.unet)
     lo_z, hi_z = ck["latent_scale"]
     prep_cfg = json.loads((args.prep / "config.json").read_text())
     hu_lo, hu_hi = prep_cfg["hu"]

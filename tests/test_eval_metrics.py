@@ -278,3 +278,28 @@ def test_medicalnet_auto_download_failure_says_what_to_do(monkeypatch, tmp_path)
     msg = str(e.value)
     assert "huggingface.co/TencentMedicalNet/MedicalNet-Resnet10" in msg and "drive.google.com" in msg
     assert not (tmp_path / "checkpoints" / "resnet_10.pth").exists()
+
+
+# --------------------------------------------------------------------------- organ contrast
+def test_organ_contrast_on_hand_made_volumes():
+    """A 4×4×4 organ of value 0.8 in a background of 0.3: inside minus the shell around it is exactly
+    0.5; a mask placed elsewhere sees no contrast; missing and empty masks give NaN."""
+    vol = np.full((12, 20, 20), 0.3, np.float32)
+    vol[4:8, 5:9, 5:9] = 0.8
+    organ = np.zeros(vol.shape, np.uint8)
+    organ[4:8, 5:9, 5:9] = 1
+    organ[5, 6, 6] = 2  # a tumour label is organ too (labels > 0)
+    elsewhere = np.zeros(vol.shape, np.uint8)
+    elsewhere[4:8, 12:16, 12:16] = 1
+    c = ev.organ_contrast([vol, vol, vol, vol], [organ, elsewhere, None, np.zeros_like(organ)], shell=2)
+    assert c[0] == pytest.approx(0.5, abs=1e-6) and c[1] == pytest.approx(0.0, abs=1e-6)
+    assert np.isnan(c[2]) and np.isnan(c[3])
+    # a half-way shell: only the face neighbours (6-connected) at distance 1 are 0.3
+    half = vol.copy()
+    ring1 = ndimage.binary_dilation(organ > 0, iterations=1) & ~(organ > 0)
+    half[ring1] = 0.55
+    assert ev.organ_contrast([half], [organ], shell=1)[0] == pytest.approx(0.25, abs=1e-6)
+    # summary in HU, with the shuffled-mask control (each volume scored with the next one's mask)
+    s = ev.contrast_summary([vol, vol], [organ, elsewhere], (-200, 300))
+    assert s["own_hu"] == pytest.approx((0.5 + 0.0) / 2 * 500, abs=1e-3)
+    assert s["shuffled_hu"] == pytest.approx((0.0 + 0.5) / 2 * 500, abs=1e-3) and s["n"] == 2

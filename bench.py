@@ -1,0 +1,252 @@
+"""Benchmark the three costs of the paper's schedule: a VQ-GAN training step, a diffusion training
+step, and guided sampling (DDIM-50 and DDPM-300, decoded). Shapes are the paper's (REFERENCE.md
+§2-3) unless --small, which uses the CPU demo's (Makefile).
+
+    python bench.py                  # the paper's shapes on the GPU
+    python bench.py --small          # demo shapes; what CI runs on the CPU
+
+Every number comes from the same code the stages run (03's and 04's `train_step`, 05's
+`sample_latents`), with random weights: timing does not depend on them. Each measurement is
+warm-up steps, then `--repeats` timed steps (CUDA events on the GPU, no sync inside the loop),
+reported as the median. FLOPs are counted once per step with torch.utils.flop_counter
+(convolutions, matmuls and attention; elementwise work is not counted), and MFU is that FLOP rate
+over the peak this script measures with a large matmul in the run's precision (bf16 on CUDA, fp32
+on the CPU), not over a datasheet figure. Prints a markdown table and writes JSON.
+"""
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import choose_precision, load_stage, peak_memory_gb, pick_device, print0, save_json
+
+# The paper's shapes and model sizes (REFERENCE.md §2-3), and the demo's (Makefile).
+CONFIGS = {
+    "paper": dict(volume=(32, 256, 256), vq=dict(n_hiddens=16, n_codes=16384, num_groups=32, disc_channels=64),
+                  vq_batch=2, lpips=True, unet=dict(dim=64, heads=8, dim_head=32), diff_batch=20, sample_batch=4),
+    "small": dict(volume=(32, 64, 64), vq=dict(n_hiddens=8, n_codes=512, num_groups=8, disc_channels=16),
+                  vq_batch=2, lpips=False, unet=dict(dim=16, heads=4, dim_head=16), diff_batch=8, sample_batch=1),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="the CPU demo's shapes (64×64×32, small widths)")
+    p.add_argument("--only", nargs="+", choices=["vqgan", "diffusion", "ddim", "ddpm"],
+                   default=["vqgan", "diffusion", "ddim", "ddpm"], help="what to time")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, allocator)")
+    p.add_argument("--repeats", type=int, default=10, help="timed training steps (median reported)")
+    p.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs (median reported)")
+    p.add_argument("--sample-batch", type=int, default=None, help="volumes per sampling run (default: 4, --small: 1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
+    p.add_argument("--flops-only", action="store_true",
+                   help="count the FLOPs of each step and stop (no timing): the paper's shapes on a CPU, for estimates")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"), help="JSON results")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device, warmup, repeats):
+    """Median seconds per call of fn(): CUDA events around each call, one synchronisation at the
+    end (no host waits between calls); wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        sync(device)
+        times = [start.elapsed_time(end) / 1000 for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (forward and backward), by torch.utils.flop_counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, dtype, n=None, repeats=20):
+    """FLOP/s of a large square matmul in `dtype`: the peak MFU is measured against."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    med, _ = time_it(lambda: a @ b, device, 3, repeats)
+    return 2 * n**3 / med
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# --------------------------------------------------------------------------- the three costs
+def vqgan_step(cfg, device, prec, compile_):
+    """03's train_step with both discriminators and the locality loss on (LPIPS too at the paper's shapes)."""
+    vq = load_stage("03_vqgan")
+    c = cfg["vq"]
+    model = vq.VQGAN(c["n_hiddens"], (4, 4, 4), 8, c["n_codes"], c["num_groups"]).to(device)
+    d2, d3 = vq.PatchGAN(2, c["disc_channels"], 3).to(device), vq.PatchGAN(3, c["disc_channels"], 3).to(device)
+    lpips = vq.LPIPS().to(device).eval().requires_grad_(False) if cfg["lpips"] else None  # random weights: timing only
+    fused = device.type == "cuda"
+    opt_ae = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.5, 0.9), fused=fused)
+    opt_d = torch.optim.Adam([*d2.parameters(), *d3.parameters()], lr=3e-4, betas=(0.5, 0.9), fused=fused)
+    nets = tuple(torch.compile(m) for m in (model, d2, d3)) if compile_ else (model, d2, d3)
+    args = SimpleNamespace(disc_layers=3, image_gan_weight=0.25, volume_gan_weight=0.25, l1_weight=4.0,
+                           perceptual_weight=4.0 if lpips is not None else 0.0, gan_feat_weight=4.0, lambda_loc=1.0)
+    b, (d, h, w) = cfg["vq_batch"], cfg["volume"]
+    x = torch.rand(b, 1, d, h, w, device=device) * 2 - 1
+    boxes = torch.tensor([[8, 24, h // 4, h // 2, w // 4, w // 2]] * b, device=device)
+    has_box = torch.ones(b, dtype=torch.bool, device=device)
+    step = lambda: vq.train_step(nets, (opt_ae, opt_d), lpips, prec, x, boxes, has_box, True, args)
+    return step, b, f"{b}×1×{d}×{h}×{w}", lambda: count_flops(step)
+
+
+def diffusion_step(cfg, device, prec, compile_):
+    """04's train_step: Unet3D + condition extractor ('both': content + Betti), one optimiser step."""
+    dm = load_stage("04_diffusion")
+    d, h, w = cfg["volume"]
+    latent = (8, d // 4, h // 4, w // 4)
+    u = cfg["unet"]
+    model = dm.Denoiser(dict(mode="both", latent_shape=latent, depth=d),
+                        dict(channels=8, dim=u["dim"], dim_mults=(1, 2, 4, 8), heads=u["heads"], dim_head=u["dim_head"]))
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model_t = torch.compile(model) if compile_ else model
+    diffusion = dm.GaussianDiffusion(300).to(device)
+    n = 32  # a resident training set, as in 04
+    data = (torch.rand(n, *latent, device=device) * 2 - 1, torch.randn(n, *latent, device=device),
+            torch.randint(0, 4, (n, d * 6), device=device))
+    gen = torch.Generator(device=device).manual_seed(0)
+    b = cfg["diff_batch"]
+    step = lambda: dm.train_step(model_t, diffusion, opt, prec, data, b, 1, 0.25, gen)
+    return step, b, f"{b}×{'×'.join(map(str, latent))}, cond {model.extractor.dim}-d", lambda: count_flops(step)
+
+
+def sampling(cfg, device, prec, sampler, steps, batch, compile_):
+    """05's sample_latents (Eq. 4 guidance, w = 1: conditional and unconditional passes as one batch),
+    then 03's decoder through the quantiser, as 05 runs them (file writing not included)."""
+    dm, vq, smp = load_stage("04_diffusion"), load_stage("03_vqgan"), load_stage("05_sample")
+    d, h, w = cfg["volume"]
+    latent = (8, d // 4, h // 4, w // 4)
+    u, c = cfg["unet"], cfg["vq"]
+    denoiser = dm.Denoiser(dict(mode="both", latent_shape=latent, depth=d),
+                           dict(channels=8, dim=u["dim"], dim_mults=(1, 2, 4, 8), heads=u["heads"], dim_head=u["dim_head"]))
+    denoiser = denoiser.to(device).eval().requires_grad_(False)
+    vqgan = vq.VQGAN(c["n_hiddens"], (4, 4, 4), 8, c["n_codes"], c["num_groups"]).to(device).eval().requires_grad_(False)
+    if compile_:
+        denoiser.unet = torch.compile(denoiser.unet)
+    diffusion = dm.GaussianDiffusion(300).to(device)
+    cond = (torch.randn(batch, *latent, device=device), torch.randint(0, 4, (batch, d * 6), device=device))
+
+    shape = (batch, *latent)
+
+    @torch.no_grad()
+    def run():
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+        z = smp.sample_latents(dm, diffusion, denoiser, cond, shape, 1.0, sampler, steps, gens, device, prec)
+        with prec.autocast():
+            return vqgan.decode(z, quantize=True)
+
+    @torch.no_grad()
+    def flops():  # every step costs the same: count one guided step and the decoder, not the whole run
+        z, t = torch.randn(shape, device=device), torch.full((batch,), 10, device=device)
+        with prec.autocast():
+            one = count_flops(lambda: dm.guided_eps(denoiser, z, t, cond, 1.0))
+            return (300 if sampler == "ddpm" else steps) * one + count_flops(lambda: vqgan.decode(z, quantize=True))
+    return run, batch, f"{batch}×1×{d}×{h}×{w}, {sampler.upper()}-{steps}, w = 1", flops
+
+
+# --------------------------------------------------------------------------- main
+def measure(name, build, device, warmup, repeats, peak, flops_only=False):
+    fn, volumes, shape, flop_fn = build()
+    flops = flop_fn()
+    if flops_only:
+        print0(f"{name}: {flops / 1e12:.3f} TFLOP per step ({shape})")
+        return dict(name=name, shape=shape, volumes=volumes, flops=flops)
+    reset_peak(device)
+    med, times = time_it(fn, device, warmup, repeats)
+    row = dict(name=name, shape=shape, volumes=volumes, median_s=med, times_s=times, flops=flops,
+               tflops=flops / med / 1e12, mfu=flops / med / peak, volumes_per_s=volumes / med,
+               peak_mem_gb=peak_memory_gb(device))
+    print0(f"{name}: {1000 * med:.1f} ms median of {len(times)}, {row['tflops']:.3f} TFLOP/s, MFU {100 * row['mfu']:.1f} %")
+    return row
+
+
+def table(rows, info):
+    lines = [f"{info['device_name']} · torch {info['torch']} · {info['precision']} · shapes: {info['shapes']} · "
+             f"measured matmul peak {info['peak_tflops']:.2f} TFLOP/s ({info['peak_dtype']}) · {info['date']}", "",
+             "| what | batch | median ms | volumes/s | s/volume | TFLOP/s | MFU | peak memory GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['shape']} | {1000 * r['median_s']:.1f} | {r['volumes_per_s']:.2f} | "
+                     f"{r['median_s'] / r['volumes']:.3f} | {r['tflops']:.3f} | {100 * r['mfu']:.1f} % | {r['peak_mem_gb']:.2f} |")
+    mem = "GPU: peak allocated per row" if info["device"] == "cuda" else "CPU: the process's peak RSS so far"
+    lines += ["", f"FLOPs: torch.utils.flop_counter (matmul, conv, attention); memory: {mem}; random weights."]
+    return "\n".join(lines)
+
+
+def main(args):
+    device = pick_device(args.device)
+    prec = choose_precision(device, args.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif not args.small:
+        print0("note: the paper's shapes on the CPU take minutes per step; --small is the CPU benchmark")
+    torch.manual_seed(0)
+    cfg = CONFIGS["small" if args.small else "paper"]
+    batch = args.sample_batch or cfg["sample_batch"]
+    peak_dtype = prec.dtype or torch.float32
+    peak = matmul_peak(device, peak_dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    info = dict(device=device.type, device_name=name, torch=torch.__version__, precision=prec.name,
+                shapes="small (demo)" if args.small else "paper", peak_tflops=peak / 1e12,
+                peak_dtype=str(peak_dtype).replace("torch.", ""), date=time.strftime("%Y-%m-%d"), compile=args.compile)
+    print0(f"{name}, torch {torch.__version__}, {prec.name}; matmul peak {peak / 1e12:.2f} TFLOP/s")
+    jobs = {
+        "VQ-GAN training step": ("vqgan", lambda: vqgan_step(cfg, device, prec, args.compile), args.repeats),
+        "diffusion training step": ("diffusion", lambda: diffusion_step(cfg, device, prec, args.compile), args.repeats),
+        "sampling DDIM-50 + decode": ("ddim", lambda: sampling(cfg, device, prec, "ddim", 50, batch, args.compile),
+                                      args.sample_repeats),
+        "sampling DDPM-300 + decode": ("ddpm", lambda: sampling(cfg, device, prec, "ddpm", 300, batch, args.compile),
+                                       args.sample_repeats),
+    }
+    rows = []
+    for label, (key, build, repeats) in jobs.items():
+        if key in args.only:
+            warmup = args.warmup if key in ("vqgan", "diffusion") else min(args.warmup, 1)
+            rows.append(measure(label, build, device, warmup, repeats, peak, args.flops_only))
+    if args.flops_only:
+        save_json({"info": info, "rows": rows}, args.out)
+        print0(f"wrote {args.out}")
+        return rows
+    text = table(rows, info)
+    print0("\n" + text)
+    save_json({"info": info, "rows": rows, "table": text}, args.out)
+    print0(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,69 @@
+"""bench.py: the FLOP counter and the timer against closed forms, the whole --small run on the CPU,
+and (with CUDA) the training steps under torch's sync debug mode: no host waits inside a step."""
+import json
+import time
+
+import pytest
+import torch
+
+import bench
+from common import choose_precision
+
+
+def test_flop_count_of_a_linear_layer_matches_the_closed_form():
+    m, k, n = 16, 32, 8
+    layer, x = torch.nn.Linear(k, n, bias=False), torch.randn(m, k)
+    assert bench.count_flops(lambda: layer(x)) == 2 * m * k * n
+    # forward + backward: the input and weight gradients are two more matmuls of the same size
+    assert bench.count_flops(lambda: layer(x.requires_grad_()).sum().backward()) == 3 * 2 * m * k * n
+
+
+def test_flop_count_of_a_conv3d_matches_the_closed_form():
+    conv, x = torch.nn.Conv3d(4, 6, 3, padding=1, bias=False), torch.randn(2, 4, 5, 6, 7)
+    assert bench.count_flops(lambda: conv(x)) == 2 * (2 * 6 * 5 * 6 * 7) * (4 * 27)
+
+
+def test_timer_reports_the_median():
+    delays = iter([0.0, 0.03, 0.01, 0.02])  # one warm-up call, then 30, 10, 20 ms
+    med, times = bench.time_it(lambda: time.sleep(next(delays)), torch.device("cpu"), warmup=1, repeats=3)
+    assert len(times) == 3
+    assert 0.02 <= med < 0.03 and sorted(times)[1] == med
+
+
+def test_small_benchmark_runs_on_the_cpu_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = bench.main(bench.get_args(["--small", "--device", "cpu", "--warmup", "0", "--repeats", "2",
+                                      "--sample-repeats", "1", "--out", str(out)]))
+    names = [r["name"] for r in rows]
+    assert names == ["VQ-GAN training step", "diffusion training step", "sampling DDIM-50 + decode",
+                     "sampling DDPM-300 + decode"]
+    for r in rows:
+        assert r["median_s"] > 0 and r["flops"] > 0 and 0 < r["mfu"] < 1.5, r
+        assert r["volumes_per_s"] == pytest.approx(r["volumes"] / r["median_s"])
+    ddim, ddpm = rows[2], rows[3]
+    # the same network and decoder: DDPM-300 does 6x the denoiser work of DDIM-50
+    assert ddpm["flops"] > 5 * ddim["flops"]
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["rows"]] == names and saved["info"]["shapes"] == "small (demo)"
+    printed = capsys.readouterr().out
+    assert "| what | batch | median ms |" in printed and "| diffusion training step |" in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_steps_do_not_wait_for_the_device():
+    """03's and 04's steps at the demo's shapes under sync debug mode 'error': any host sync raises."""
+    dev = torch.device("cuda")
+    prec = choose_precision(dev, "bf16")
+    cfg = bench.CONFIGS["small"]
+    for build in (bench.vqgan_step, bench.diffusion_step):
+        step, *_ = build(cfg, dev, prec, False)
+        step()  # first call: lazy initialisation is allowed to sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
