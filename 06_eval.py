@@ -6,7 +6,7 @@ Reads  --real (default data/prep): images/ ([0, 1]), masks/ (02, the original ma
 Writes --out (default runs/eval):
     metrics.json   every figure below, per method, with the settings that produced it
     table.md       laid out like Table 1: Real and each method; holistic and localised FID / MMD,
-                   MS-SSIM diversity, mask-fidelity Dice
+                   MS-SSIM diversity, mask-fidelity Dice, organ contrast
     mds.png        Figure 4: classical MDS of the features, a least-squares ellipse per method
     cache/         features per folder (keyed on the files, the network, its weights and the crop)
 
@@ -26,7 +26,9 @@ Mask fidelity (our addition; the paper has no such check): does the generated an
 the mask it was conditioned on? Train a small 2-D segmentation network on axial slices of
 (synthetic volume, its condition mask) and test it on the real test split against its masks;
 the same network trained on the real training split is the reference. A generator that puts the
-organ where the mask says yields a network that finds the organ in real CT.
+organ where the mask says yields a network that finds the organ in real CT. A second, direct
+check: the organ contrast, the mean HU inside each volume's mask minus the 2-voxel shell around
+it, with the next volume's mask as a control (what the organ's usual position alone gives).
 
     python 06_eval.py                                                     # runs/samples vs data/prep
     python 06_eval.py --fake lad=runs/samples --fake v0=runs/samples_v0 --med3d-weights resnet_50_23dataset.pth

@@ -18,20 +18,42 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import choose_precision, load_stage, peak_memory_gb, pick_device, print0, save_json
 
-# The paper's shapes and model sizes (REFERENCE.md §2-3), and the demo's (Makefile).
-CONFIGS = {
-    "paper": dict(volume=(32, 256, 256), vq=dict(n_hiddens=16, n_codes=16384, num_groups=32, disc_channels=64),
-                  vq_batch=2, lpips=True, unet=dict(dim=64, heads=8, dim_head=32), diff_batch=20, sample_batch=4),
-    "small": dict(volume=(32, 64, 64), vq=dict(n_hiddens=8, n_codes=512, num_groups=8, disc_channels=16),
-                  vq_batch=2, lpips=False, unet=dict(dim=16, heads=4, dim_head=16), diff_batch=8, sample_batch=1),
-}
+# The paper's shapes and model sizes are the stages' own defaults (03's and 04's get_args); --small
+# overrides them with the demo's (Makefile).
+VOLUME = {"paper": (32, 256, 256), "small": (32, 64, 64)}
+SMALL_VQGAN = dict(n_hiddens=8, n_codes=512, num_groups=8, disc_channels=16, perceptual_weight=0.0)
+SMALL_DIFFUSION = dict(dim=16, attn_heads=4, attn_dim_head=16, batch_size=8)
+
+
+def stage_args(stage, small, overrides):
+    """A stage's parsed defaults (the paper's settings), with the demo's sizes when `small`. 03 insists
+    on a source for the LPIPS weights; bench never loads them (random weights cost the same)."""
+    args = load_stage(stage).get_args(["--perceptual-weights", "auto"] if stage == "03_vqgan" else [])
+    if small:
+        vars(args).update(overrides)
+    return args
+
+
+def build_vqgan(va, device):
+    vq = load_stage("03_vqgan")
+    return vq.VQGAN(va.n_hiddens, va.downsample, va.embedding_dim, va.n_codes, va.num_groups).to(device)
+
+
+def build_denoiser(da, latent, depth, device):
+    dm = load_stage("04_diffusion")
+    return dm.Denoiser(dict(mode="both", latent_shape=latent, depth=depth),
+                       dict(channels=latent[0], dim=da.dim, dim_mults=da.dim_mults, heads=da.attn_heads,
+                            dim_head=da.attn_dim_head)).to(device)
+
+
+def latent_shape(va, volume):
+    return (va.embedding_dim, *(n // f for n, f in zip(volume, va.downsample)))
 
 
 def get_args(argv=None):
@@ -102,64 +124,59 @@ def reset_peak(device):
 
 
 # --------------------------------------------------------------------------- the three costs
-def vqgan_step(cfg, device, prec, compile_):
+def vqgan_step(small, device, prec, compile_):
     """03's train_step with both discriminators and the locality loss on (LPIPS too at the paper's shapes)."""
     vq = load_stage("03_vqgan")
-    c = cfg["vq"]
-    model = vq.VQGAN(c["n_hiddens"], (4, 4, 4), 8, c["n_codes"], c["num_groups"]).to(device)
-    d2, d3 = vq.PatchGAN(2, c["disc_channels"], 3).to(device), vq.PatchGAN(3, c["disc_channels"], 3).to(device)
-    lpips = vq.LPIPS().to(device).eval().requires_grad_(False) if cfg["lpips"] else None  # random weights: timing only
+    va = stage_args("03_vqgan", small, SMALL_VQGAN)
+    model = build_vqgan(va, device)
+    d2 = vq.PatchGAN(2, va.disc_channels, va.disc_layers).to(device)
+    d3 = vq.PatchGAN(3, va.disc_channels, va.disc_layers).to(device)
+    # LPIPS with random weights: the cost is the same as with the pretrained ones
+    lpips = vq.LPIPS().to(device).eval().requires_grad_(False) if va.perceptual_weight > 0 else None
     fused = device.type == "cuda"
-    opt_ae = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam([*d2.parameters(), *d3.parameters()], lr=3e-4, betas=(0.5, 0.9), fused=fused)
+    opt_ae = torch.optim.Adam(model.parameters(), lr=va.lr, betas=(0.5, 0.9), fused=fused)
+    opt_d = torch.optim.Adam([*d2.parameters(), *d3.parameters()], lr=va.lr, betas=(0.5, 0.9), fused=fused)
     nets = tuple(torch.compile(m) for m in (model, d2, d3)) if compile_ else (model, d2, d3)
-    args = SimpleNamespace(disc_layers=3, image_gan_weight=0.25, volume_gan_weight=0.25, l1_weight=4.0,
-                           perceptual_weight=4.0 if lpips is not None else 0.0, gan_feat_weight=4.0, lambda_loc=1.0)
-    b, (d, h, w) = cfg["vq_batch"], cfg["volume"]
+    b, (d, h, w) = va.batch_size, VOLUME["small" if small else "paper"]
     x = torch.rand(b, 1, d, h, w, device=device) * 2 - 1
     boxes = torch.tensor([[8, 24, h // 4, h // 2, w // 4, w // 2]] * b, device=device)
     has_box = torch.ones(b, dtype=torch.bool, device=device)
-    step = lambda: vq.train_step(nets, (opt_ae, opt_d), lpips, prec, x, boxes, has_box, True, args)
+    step = lambda: vq.train_step(nets, (opt_ae, opt_d), lpips, prec, x, boxes, has_box, True, va)
     return step, b, f"{b}×1×{d}×{h}×{w}", lambda: count_flops(step)
 
 
-def diffusion_step(cfg, device, prec, compile_):
+def diffusion_step(small, device, prec, compile_):
     """04's train_step: Unet3D + condition extractor ('both': content + Betti), one optimiser step."""
     dm = load_stage("04_diffusion")
-    d, h, w = cfg["volume"]
-    latent = (8, d // 4, h // 4, w // 4)
-    u = cfg["unet"]
-    model = dm.Denoiser(dict(mode="both", latent_shape=latent, depth=d),
-                        dict(channels=8, dim=u["dim"], dim_mults=(1, 2, 4, 8), heads=u["heads"], dim_head=u["dim_head"]))
-    model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    va, da = stage_args("03_vqgan", small, SMALL_VQGAN), stage_args("04_diffusion", small, SMALL_DIFFUSION)
+    volume = VOLUME["small" if small else "paper"]
+    latent = latent_shape(va, volume)
+    model = build_denoiser(da, latent, volume[0], device)
+    opt = torch.optim.Adam(model.parameters(), lr=da.lr, fused=device.type == "cuda")
     model_t = torch.compile(model) if compile_ else model
-    diffusion = dm.GaussianDiffusion(300).to(device)
+    diffusion = dm.GaussianDiffusion(da.timesteps).to(device)
     n = 32  # a resident training set, as in 04
     data = (torch.rand(n, *latent, device=device) * 2 - 1, torch.randn(n, *latent, device=device),
-            torch.randint(0, 4, (n, d * 6), device=device))
+            torch.randint(0, 4, (n, volume[0] * 6), device=device))
     gen = torch.Generator(device=device).manual_seed(0)
-    b = cfg["diff_batch"]
-    step = lambda: dm.train_step(model_t, diffusion, opt, prec, data, b, 1, 0.25, gen)
+    b = da.batch_size
+    step = lambda: dm.train_step(model_t, diffusion, opt, prec, data, b, 1, da.p_uncond, gen)
     return step, b, f"{b}×{'×'.join(map(str, latent))}, cond {model.extractor.dim}-d", lambda: count_flops(step)
 
 
-def sampling(cfg, device, prec, sampler, steps, batch, compile_):
+def sampling(small, device, prec, sampler, steps, batch, compile_):
     """05's sample_latents (Eq. 4 guidance, w = 1: conditional and unconditional passes as one batch),
     then 03's decoder through the quantiser, as 05 runs them (file writing not included)."""
-    dm, vq, smp = load_stage("04_diffusion"), load_stage("03_vqgan"), load_stage("05_sample")
-    d, h, w = cfg["volume"]
-    latent = (8, d // 4, h // 4, w // 4)
-    u, c = cfg["unet"], cfg["vq"]
-    denoiser = dm.Denoiser(dict(mode="both", latent_shape=latent, depth=d),
-                           dict(channels=8, dim=u["dim"], dim_mults=(1, 2, 4, 8), heads=u["heads"], dim_head=u["dim_head"]))
-    denoiser = denoiser.to(device).eval().requires_grad_(False)
-    vqgan = vq.VQGAN(c["n_hiddens"], (4, 4, 4), 8, c["n_codes"], c["num_groups"]).to(device).eval().requires_grad_(False)
+    dm, smp = load_stage("04_diffusion"), load_stage("05_sample")
+    va, da = stage_args("03_vqgan", small, SMALL_VQGAN), stage_args("04_diffusion", small, SMALL_DIFFUSION)
+    d, h, w = volume = VOLUME["small" if small else "paper"]
+    latent = latent_shape(va, volume)
+    denoiser = build_denoiser(da, latent, d, device).eval().requires_grad_(False)
+    vqgan = build_vqgan(va, device).eval().requires_grad_(False)
     if compile_:
         denoiser.unet = torch.compile(denoiser.unet)
-    diffusion = dm.GaussianDiffusion(300).to(device)
+    diffusion = dm.GaussianDiffusion(da.timesteps).to(device)
     cond = (torch.randn(batch, *latent, device=device), torch.randint(0, 4, (batch, d * 6), device=device))
-
     shape = (batch, *latent)
 
     @torch.no_grad()
@@ -174,7 +191,7 @@ def sampling(cfg, device, prec, sampler, steps, batch, compile_):
         z, t = torch.randn(shape, device=device), torch.full((batch,), 10, device=device)
         with prec.autocast():
             one = count_flops(lambda: dm.guided_eps(denoiser, z, t, cond, 1.0))
-            return (300 if sampler == "ddpm" else steps) * one + count_flops(lambda: vqgan.decode(z, quantize=True))
+            return (diffusion.T if sampler == "ddpm" else steps) * one + count_flops(lambda: vqgan.decode(z, quantize=True))
     return run, batch, f"{batch}×1×{d}×{h}×{w}, {sampler.upper()}-{steps}, w = 1", flops
 
 
@@ -215,8 +232,7 @@ def main(args):
     elif not args.small:
         print0("note: the paper's shapes on the CPU take minutes per step; --small is the CPU benchmark")
     torch.manual_seed(0)
-    cfg = CONFIGS["small" if args.small else "paper"]
-    batch = args.sample_batch or cfg["sample_batch"]
+    batch = args.sample_batch or (1 if args.small else 4)
     peak_dtype = prec.dtype or torch.float32
     peak = matmul_peak(device, peak_dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -225,11 +241,11 @@ def main(args):
                 peak_dtype=str(peak_dtype).replace("torch.", ""), date=time.strftime("%Y-%m-%d"), compile=args.compile)
     print0(f"{name}, torch {torch.__version__}, {prec.name}; matmul peak {peak / 1e12:.2f} TFLOP/s")
     jobs = {
-        "VQ-GAN training step": ("vqgan", lambda: vqgan_step(cfg, device, prec, args.compile), args.repeats),
-        "diffusion training step": ("diffusion", lambda: diffusion_step(cfg, device, prec, args.compile), args.repeats),
-        "sampling DDIM-50 + decode": ("ddim", lambda: sampling(cfg, device, prec, "ddim", 50, batch, args.compile),
+        "VQ-GAN training step": ("vqgan", lambda: vqgan_step(args.small, device, prec, args.compile), args.repeats),
+        "diffusion training step": ("diffusion", lambda: diffusion_step(args.small, device, prec, args.compile), args.repeats),
+        "sampling DDIM-50 + decode": ("ddim", lambda: sampling(args.small, device, prec, "ddim", 50, batch, args.compile),
                                       args.sample_repeats),
-        "sampling DDPM-300 + decode": ("ddpm", lambda: sampling(cfg, device, prec, "ddpm", 300, batch, args.compile),
+        "sampling DDPM-300 + decode": ("ddpm", lambda: sampling(args.small, device, prec, "ddpm", 300, batch, args.compile),
                                        args.sample_repeats),
     }
     rows = []
