@@ -26,7 +26,9 @@ Mask fidelity (our addition; the paper has no such check): does the generated an
 the mask it was conditioned on? Train a small 2-D segmentation network on axial slices of
 (synthetic volume, its condition mask) and test it on the real test split against its masks;
 the same network trained on the real training split is the reference. A generator that puts the
-organ where the mask says yields a network that finds the organ in real CT. A second, direct
+organ where the mask says yields a network that finds the organ in real CT. The network is trained
+on randomly shifted and flipped slices (--fidelity-shift), or masks that ignore their volumes would
+still teach it where the organ usually lies and score on real CT by position alone. A second, direct
 check: the organ contrast, the mean HU inside each volume's mask minus the 2-voxel shell around
 it, with the next volume's mask as a control (what the organ's usual position alone gives).
 
@@ -71,6 +73,9 @@ def get_args(argv=None):
     q.add_argument("--fidelity-steps", type=int, default=2000, help="training steps of each 2-D network; 0 = skip")
     q.add_argument("--fidelity-batch", type=int, default=16, help="slices per step")
     q.add_argument("--fidelity-width", type=int, default=16, help="base width of the 2-D U-Net")
+    q.add_argument("--fidelity-shift", type=float, default=0.25,
+                   help="largest random in-plane shift of a training batch, as a fraction of the slice size: "
+                        "the network cannot learn where the organ usually lies, only what it looks like")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -638,10 +643,15 @@ def dice(pred, target):
     return 1.0 if total == 0 else float(2 * inter / total)
 
 
-def train_segnet(vols, masks, steps, batch, width, device, seed):
+def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
     """Train SegNet2D on the axial slices of (vols (N, D, H, W) [0, 1], masks (N, D, H, W) 0/1/2):
-    cross-entropy + soft Dice on the organ, half of each batch drawn from slices that show it."""
+    cross-entropy + soft Dice on the organ, half of each batch drawn from slices that show it.
+    Each batch is rolled by a random in-plane shift of up to `shift` × the slice size and flipped
+    left-right half of the time, image and mask together. Without that, masks that ignore their
+    volume (an unconditional generator's) still teach the organ's usual position, and a network
+    trained on them scores on real CT by position alone."""
     g = torch.Generator(device=device).manual_seed(seed)  # slices drawn on the device: no copy per step
+    g_cpu = torch.Generator().manual_seed(seed)            # shifts and flips: Python ints, no device sync
     torch.manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(vols)).flatten(0, 1)[:, None].to(device)    # (N·D, 1, H, W)
     y = torch.from_numpy(np.stack(masks).astype(np.int64)).flatten(0, 1).to(device)       # (N·D, H, W)
@@ -654,11 +664,17 @@ def train_segnet(vols, masks, steps, batch, width, device, seed):
         idx = torch.randint(0, len(x), (batch,), generator=g, device=device)
         if half:
             idx[:half] = pos[torch.randint(0, len(pos), (half,), generator=g, device=device)]
-        logits = net(x[idx])
+        xb, yb = x[idx], y[idx]
+        if shift > 0:
+            dy, dx = (int(torch.randint(-m, m + 1, (), generator=g_cpu)) for m in (int(shift * n) for n in x.shape[-2:]))
+            flip = bool(torch.rand((), generator=g_cpu) < 0.5)
+            xb, yb = xb.roll((dy, dx), (-2, -1)), yb.roll((dy, dx), (-2, -1))
+            xb, yb = (xb.flip(-1), yb.flip(-1)) if flip else (xb, yb)
+        logits = net(xb)
         prob = logits.softmax(1)
-        fg, ref = prob[:, 1:].sum(1), (y[idx] > 0).float()
+        fg, ref = prob[:, 1:].sum(1), (yb > 0).float()
         soft_dice = 1 - (2 * (fg * ref).sum() + 1) / (fg.sum() + ref.sum() + 1)
-        loss = F.cross_entropy(logits, y[idx]) + soft_dice
+        loss = F.cross_entropy(logits, yb) + soft_dice
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -679,7 +695,7 @@ def segment(net, vols, device, batch=64):
 def fidelity(train_vols, train_masks, test_vols, test_masks, args, device):
     """Organ and tumour Dice on the real test volumes of a network trained on (train_vols, train_masks)."""
     net = train_segnet(train_vols, train_masks, args.fidelity_steps, args.fidelity_batch, args.fidelity_width,
-                       device, args.seed)
+                       device, args.seed, args.fidelity_shift)
     pred = segment(net, test_vols, device)
     organ = [dice(p > 0, m > 0) for p, m in zip(pred, test_masks)]
     tumour = [dice(p == 2, m == 2) for p, m in zip(pred, test_masks) if (m == 2).any()]

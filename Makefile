@@ -15,17 +15,19 @@ $(VENV)/.installed: requirements.txt
 # The CPU demo: phantoms -> preprocessing -> masks -> VQ-GAN -> latent diffusion (Lad and the V0 baseline)
 # -> samples -> evaluation, in data/demo and runs/demo (never touches data/raw). The knobs are passed
 # explicitly so you can see them. Everything is CPU-sized:
-#   grid      64x64x32 at 6x6x2.3 mm (paper: 256x256x32 at 1.6x1.6x2.3 mm), HU window -200..300 (paper:
-#             -1000..400) so that the tiny models spend their few steps on soft tissue, not on air and bone;
+#   grid      64x64x16 at 4x4x4.6 mm (paper: 256x256x32 at 1.6x1.6x2.3 mm): the body, a little cropped at the
+#             sides, with the pancreas 3-5 voxels thick, so that it survives the VQ-GAN's 4x downsampling (at
+#             6 mm it is 2-3 voxels, under one latent cell); HU window -200..300 (paper: -1000..400) so that
+#             the tiny models spend their few steps on soft tissue, not on air and bone;
 #   VQ-GAN    n_hiddens 8 (paper 16), 512 codes (paper 16384), no LPIPS (its weights need a download), 300 steps;
 #   diffusion Unet3D width 16 (paper 64), batch 8 (paper 20), $(DIFF_STEPS) steps; Lad (--cond both) and V0
 #             (--cond none) with the same budget, trained side by side on one core each;
 #   eval      MedicalNet ResNet-10 with random weights (the pretrained files need a download), a width-8
 #             fidelity probe for 300 steps.
 DEMO_RUNS  := runs/demo
-DIFF_STEPS := 800
+DIFF_STEPS := 1600
 DIFF_ARGS  := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 \
-	--attn-dim-head 16 --batch-size 8 --lr 1e-3 --steps $(DIFF_STEPS) --ema-start 400 --ema-every 1 --ema-decay 0.99 \
+	--attn-dim-head 16 --batch-size 8 --lr 1e-3 --steps $(DIFF_STEPS) --ema-start 800 --ema-every 1 --ema-decay 0.99 \
 	--log-every 200 --save-every $(DIFF_STEPS) --n-preview 2 --workers 1 --fresh
 SAMPLE_ARGS := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --n 12 --aug-per-mask 1 --guidance 1.0 \
 	--sampler ddim --steps 50 --batch-size 5 --overwrite
@@ -33,7 +35,7 @@ SAMPLE_ARGS := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --n 12 --a
 demo: $(VENV)/.installed
 	$(PY) 00_phantoms.py --out $(DEMO)/raw --n 16 --seed 0
 	$(PY) 01_preprocess.py --images $(DEMO)/raw/images --labels $(DEMO)/raw/labels --out $(DEMO)/prep \
-		--dataset abdomenct1k --size 64 --depth 32 --spacing 6 6 2.3 --hu -200 300 --organ 4 --n-test 4 --workers 2 --overwrite
+		--dataset abdomenct1k --size 64 --depth 16 --spacing 4 4 4.6 --hu -200 300 --organ 4 --n-test 4 --workers 2 --overwrite
 	$(PY) 02_masks.py --prep $(DEMO)/prep --method labels --organ 4 --tumour 5 --overwrite
 	$(PY) 03_vqgan.py --prep $(DEMO)/prep --out $(DEMO_RUNS)/vqgan --steps 300 --disc-start 200 --batch-size 2 \
 		--n-hiddens 8 --num-groups 8 --n-codes 512 --disc-channels 16 --perceptual-weight 0 --lambda-loc 1 \

@@ -16,6 +16,7 @@ VQGAN_MIN_PSNR = 20.0         # dB on held-out volumes
 LOSS_DROP = 0.4               # last logged diffusion loss / first logged loss must be below this
 REAL_MIN_DICE = 0.4           # the fidelity probe trained on real data (the reference)
 LAD_OVER_V0 = 0.05            # Lad's organ Dice minus V0's, same probe, same budget
+CONTRAST_OVER_V0 = 20.0       # HU: Lad's organ contrast (inside its mask vs around it) minus V0's
 
 
 def losses(log_csv):
@@ -39,6 +40,10 @@ def run_checks(runs):
     out.append(("fidelity probe on real data", f"organ Dice {real:.3f} >= {REAL_MIN_DICE}", real >= REAL_MIN_DICE))
     out.append(("fidelity: Lad above V0", f"organ Dice {lad:.3f} vs {v0:.3f} (margin {lad - v0:+.3f} >= {LAD_OVER_V0})",
                 lad - v0 >= LAD_OVER_V0))
+    lad, v0 = (res[k]["contrast"]["own_hu"] for k in ("lad", "v0"))
+    out.append(("the organ where the mask says: Lad above V0",
+                f"organ contrast {lad:.1f} vs {v0:.1f} HU (margin {lad - v0:+.1f} >= {CONTRAST_OVER_V0})",
+                lad - v0 >= CONTRAST_OVER_V0))
     return out
 
 

@@ -93,6 +93,31 @@ def test_segnet_learns_a_bright_organ():
     assert trained["dice_organ"] > wrong["dice_organ"] + 0.3
 
 
+def test_segnet_shift_hides_the_usual_position():
+    """Masks that ignore their volumes (an unconditional generator's) but always sit where the organ
+    usually lies: without the random shifts the probe learns that position and scores on real cases
+    whose organ is there; with them it cannot, and only appearance could have helped."""
+    rng = np.random.default_rng(1)
+    usual = (slice(12, 20), slice(12, 20))
+
+    def make(n, random_blob):
+        vols = rng.normal(0.4, 0.05, (n, 4, 32, 32)).astype(np.float32)
+        masks = np.zeros((n, 4, 32, 32), np.uint8)
+        masks[:, 1:3][(..., *usual)] = 1
+        for i in range(n):
+            y, x = rng.integers(0, 24, 2) if random_blob else (12, 12)
+            vols[i, 1:3, y:y + 8, x:x + 8] += 0.3
+        return vols, list(masks)
+
+    tr, te = make(8, True), make(4, False)
+    dice = {s: ev.fidelity(tr[0], tr[1], te[0], te[1], ev.get_args(
+        ["--fidelity-steps", "150", "--fidelity-batch", "8", "--fidelity-width", "8", "--fidelity-shift", str(s)]),
+        "cpu")["dice_organ"] for s in (0.0, 0.25)}
+    print("probe Dice on position-only masks:", dice)
+    assert dice[0.0] > 0.5     # 0.66 when written
+    assert dice[0.25] < 0.2    # 0.0 when written
+
+
 # --------------------------------------------------------------------------- loading
 def test_to_unit_and_load_set_skip_bad_files(tmp_path, capsys):
     hu = (-1000.0, 400.0)
