@@ -26,7 +26,7 @@ from common import choose_precision, load_stage, peak_memory_gb, pick_device, pr
 
 # The paper's shapes and model sizes are the stages' own defaults (03's and 04's get_args); --small
 # overrides them with the demo's (Makefile).
-VOLUME = {"paper": (32, 256, 256), "small": (32, 64, 64)}
+VOLUME = {"paper": (32, 256, 256), "small": (16, 64, 64)}
 SMALL_VQGAN = dict(n_hiddens=8, n_codes=512, num_groups=8, disc_channels=16, perceptual_weight=0.0)
 SMALL_DIFFUSION = dict(dim=16, attn_heads=4, attn_dim_head=16, batch_size=8)
 
@@ -58,7 +58,7 @@ def latent_shape(va, volume):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="the CPU demo's shapes (64×64×32, small widths)")
+    p.add_argument("--small", action="store_true", help="the CPU demo's shapes (64×64×16, small widths)")
     p.add_argument("--only", nargs="+", choices=["vqgan", "diffusion", "ddim", "ddpm"],
                    default=["vqgan", "diffusion", "ddim", "ddpm"], help="what to time")
     p.add_argument("--device", default="auto")
@@ -67,6 +67,8 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed training steps (median reported)")
     p.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs (median reported)")
     p.add_argument("--sample-batch", type=int, default=None, help="volumes per sampling run (default: 4, --small: 1)")
+    p.add_argument("--diffusion-batch", type=int, default=None,
+                   help="diffusion training batch (default: 04's, 20; --small: 8); FLOPs scale linearly with it")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
     p.add_argument("--flops-only", action="store_true",
                    help="count the FLOPs of each step and stop (no timing): the paper's shapes on a CPU, for estimates")
@@ -145,7 +147,7 @@ def vqgan_step(small, device, prec, compile_):
     return step, b, f"{b}×1×{d}×{h}×{w}", lambda: count_flops(step)
 
 
-def diffusion_step(small, device, prec, compile_):
+def diffusion_step(small, device, prec, compile_, batch=None):
     """04's train_step: Unet3D + condition extractor ('both': content + Betti), one optimiser step."""
     dm = load_stage("04_diffusion")
     va, da = stage_args("03_vqgan", small, SMALL_VQGAN), stage_args("04_diffusion", small, SMALL_DIFFUSION)
@@ -159,7 +161,7 @@ def diffusion_step(small, device, prec, compile_):
     data = (torch.rand(n, *latent, device=device) * 2 - 1, torch.randn(n, *latent, device=device),
             torch.randint(0, 4, (n, volume[0] * 6), device=device))
     gen = torch.Generator(device=device).manual_seed(0)
-    b = da.batch_size
+    b = batch or da.batch_size
     step = lambda: dm.train_step(model_t, diffusion, opt, prec, data, b, 1, da.p_uncond, gen)
     return step, b, f"{b}×{'×'.join(map(str, latent))}, cond {model.extractor.dim}-d", lambda: count_flops(step)
 
@@ -242,7 +244,7 @@ def main(args):
     print0(f"{name}, torch {torch.__version__}, {prec.name}; matmul peak {peak / 1e12:.2f} TFLOP/s")
     jobs = {
         "VQ-GAN training step": ("vqgan", lambda: vqgan_step(args.small, device, prec, args.compile), args.repeats),
-        "diffusion training step": ("diffusion", lambda: diffusion_step(args.small, device, prec, args.compile), args.repeats),
+        "diffusion training step": ("diffusion", lambda: diffusion_step(args.small, device, prec, args.compile, args.diffusion_batch), args.repeats),
         "sampling DDIM-50 + decode": ("ddim", lambda: sampling(args.small, device, prec, "ddim", 50, batch, args.compile),
                                       args.sample_repeats),
         "sampling DDPM-300 + decode": ("ddpm", lambda: sampling(args.small, device, prec, "ddpm", 300, batch, args.compile),

@@ -49,6 +49,18 @@ def test_small_benchmark_runs_on_the_cpu_and_writes_the_table(tmp_path, capsys):
     assert "| what | batch | median ms |" in printed and "| diffusion training step |" in printed
 
 
+def test_diffusion_flops_are_linear_in_the_batch(tmp_path):
+    """The README scales the paper's batch-20 diffusion step from a count at batch 2: that needs FLOPs
+    exactly proportional to the batch (no cross-sample work)."""
+    flops = {}
+    for b in (2, 6):
+        rows = bench.main(bench.get_args(["--small", "--device", "cpu", "--flops-only", "--only", "diffusion",
+                                          "--diffusion-batch", str(b), "--out", str(tmp_path / f"b{b}.json")]))
+        assert rows[0]["shape"].startswith(f"{b}×")
+        flops[b] = rows[0]["flops"]
+    assert flops[6] == 3 * flops[2]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_steps_do_not_wait_for_the_device():

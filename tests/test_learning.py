@@ -1,6 +1,6 @@
 """The demo must learn, not only run: `make demo` end to end into a temporary folder, then the learning
-checks of tests/learning_checks.py (VQ-GAN PSNR, diffusion losses, Lad's mask fidelity above V0's).
-About 15 minutes on 2 CPU cores, so marked slow; CI runs `make demo`, which ends with the same checks."""
+checks of tests/learning_checks.py (VQ-GAN PSNR, diffusion losses, Lad's mask fidelity and organ contrast
+above V0's). About 12 minutes on 2 CPU cores, so marked slow; CI runs `make demo`, which ends with the same checks."""
 import subprocess
 import sys
 
