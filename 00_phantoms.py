@@ -6,6 +6,8 @@ Reads nothing. Writes, per case (AbdomenCT-1K naming and label convention):
                                         4 pancreas, 5 pancreatic tumour (some cases)
     DIR/previews/Case_NNNNN.png         the first --previews cases, middle slices
     DIR/phantoms.json                   what was written, with the seed
+With --layout totalseg, TotalSegmentator's layout instead (for 01_preprocess.py --totalseg):
+    DIR/sNNNN/ct.nii.gz, DIR/sNNNN/segmentations/{liver,spleen,kidney_right,kidney_left,pancreas}.nii.gz
 
 Each case is an upper-abdomen slab built in world millimetres (RAS+): body outline with
 subcutaneous fat, abdominal wall muscle and visceral fat; spine (vertebral body, canal,
@@ -49,6 +51,10 @@ def get_args(argv=None):
                    help="scanned length range, mm (short ones exercise padding to 32 slices)")
     p.add_argument("--tumour-fraction", type=float, default=0.35, help="fraction of cases with a pancreatic tumour (label 5)")
     p.add_argument("--previews", type=int, default=2, help="write a preview PNG for the first N cases")
+    p.add_argument("--layout", choices=["abdomenct1k", "totalseg"], default="abdomenct1k",
+                   help="abdomenct1k: images/ + labels/ as above; totalseg: TotalSegmentator's folders, "
+                        "sNNNN/ct.nii.gz + sNNNN/segmentations/<organ>.nii.gz (no tumour file: TotalSegmentator "
+                        "labels none, so a tumour is part of the pancreas)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing files that this script did not write")
     return p.parse_args(argv)
 
@@ -267,6 +273,29 @@ def to_lps_storage(data, affine):
     return np.ascontiguousarray(data[::-1, ::-1]), affine @ flip
 
 
+TOTALSEG_FILES = {"liver": (LIVER,), "spleen": (SPLEEN,), "pancreas": (PANCREAS, TUMOUR)}  # + the two kidneys
+
+
+def case_files(out, name, layout):
+    """The files case `name` is written to: [image, label file(s)]."""
+    if layout == "abdomenct1k":
+        return [out / "images" / f"{name}_0000.nii.gz", out / "labels" / f"{name}.nii.gz"]
+    seg = out / name / "segmentations"
+    return [out / name / "ct.nii.gz"] + [seg / f"{o}.nii.gz" for o in (*TOTALSEG_FILES, "kidney_right", "kidney_left")]
+
+
+def totalseg_masks(lab):
+    """(X, Y, Z) label map in RAS -> {file name: binary mask} as TotalSegmentator stores them: one
+    file per organ, the kidneys split at the midpoint between them (RAS: larger x = patient's right)."""
+    out = {name: np.isin(lab, ids) for name, ids in TOTALSEG_FILES.items()}
+    kidney = lab == KIDNEY
+    xs = np.flatnonzero(kidney.any(axis=(1, 2)))
+    mid = (xs.min() + xs.max()) / 2 if len(xs) else 0
+    right = (np.arange(lab.shape[0]) > mid)[:, None, None]
+    out["kidney_right"], out["kidney_left"] = kidney & right, kidney & ~right
+    return out
+
+
 # --------------------------------------------------------------------------- main
 def main(args):
     out = args.out
@@ -275,9 +304,13 @@ def main(args):
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
     ours = set(manifest["cases"])
-    names = [f"Case_{k:05d}" for k in range(1, args.n + 1)]
+    if manifest.get("layout", "abdomenct1k") != args.layout and ours and not args.overwrite:
+        raise SystemExit(f"error: {out} holds phantoms in the {manifest.get('layout', 'abdomenct1k')} layout; "
+                         f"choose another --out for --layout {args.layout}")
+    pattern = "Case_{:05d}" if args.layout == "abdomenct1k" else "s{:04d}"
+    names = [pattern.format(k) for k in range(1, args.n + 1)]
     for name in names:  # never overwrite data that is not ours (AbdomenCT-1K uses the same names)
-        for f in (out / "images" / f"{name}_0000.nii.gz", out / "labels" / f"{name}.nii.gz"):
+        for f in case_files(out, name, args.layout):
             if f.exists() and name not in ours and not args.overwrite:
                 raise SystemExit(f"error: {f} exists and was not written by 00_phantoms.py; refusing to "
                                  f"overwrite it. Choose another --out (or pass --overwrite).")
@@ -287,9 +320,14 @@ def main(args):
         tc = time.perf_counter()
         hu, lab, affine = make_case(args.seed, k, args)
         img_disk, aff_disk = to_lps_storage(hu, affine)
-        lab_disk, _ = to_lps_storage(lab, affine)
-        write_nifti(out / "images" / f"{name}_0000.nii.gz", img_disk, aff_disk, np.int16)
-        write_nifti(out / "labels" / f"{name}.nii.gz", lab_disk, aff_disk, np.uint8)
+        files = case_files(out, name, args.layout)
+        write_nifti(files[0], img_disk, aff_disk, np.int16)
+        if args.layout == "abdomenct1k":
+            write_nifti(files[1], to_lps_storage(lab, affine)[0], aff_disk, np.uint8)
+        else:
+            for organ, binary in totalseg_masks(lab).items():
+                write_nifti(out / name / "segmentations" / f"{organ}.nii.gz", to_lps_storage(binary, affine)[0],
+                            aff_disk, np.uint8)
         if k <= args.previews:
             sp = np.abs(np.diag(affine)[:3])
             save_preview(out / "previews" / f"{name}.png", xyz_to_dhw(hu), xyz_to_dhw(lab), name,
@@ -299,11 +337,13 @@ def main(args):
         stats.append((name, hu.shape, np.abs(np.diag(affine)[:3]), present, time.perf_counter() - tc))
         print(f"{name}: shape {hu.shape}, spacing {np.round(stats[-1][2], 2).tolist()} mm, "
               f"labels {present}, {stats[-1][4]:.2f} s", flush=True)
-    save_json({"seed": args.seed, "cases": sorted(ours), "written_by": "00_phantoms.py"}, manifest_path)
+    save_json({"seed": args.seed, "layout": args.layout, "cases": sorted(ours), "written_by": "00_phantoms.py"},
+              manifest_path)
 
     dt = time.perf_counter() - t0
     n_tumour = sum(TUMOUR in s[3] for s in stats)
-    print(f"\nwrote {len(names)} phantom cases ({n_tumour} with a tumour) to {out}/images and {out}/labels "
+    where = f"{out}/images and {out}/labels" if args.layout == "abdomenct1k" else f"{out}/<subject>/ (TotalSegmentator)"
+    print(f"\nwrote {len(names)} phantom cases ({n_tumour} with a tumour) to {where} "
           f"in {dt:.1f} s ({dt / max(len(names), 1):.2f} s/case)"
           + (f"; previews in {out}/previews" if args.previews else ""))
 

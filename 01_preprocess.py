@@ -62,7 +62,9 @@ def get_args(argv=None):
     src.add_argument("--images", type=Path, default=Path("data/raw/images"),
                      help="folder of CT NIfTI files (Case_00001_0000.nii.gz, pancreas_001.nii.gz, ...)")
     src.add_argument("--labels", type=Path, default=Path("data/raw/labels"),
-                     help="folder of label maps paired by case id (optional: missing -> central window)")
+                     help="folder of label maps paired by case id; when it exists, an image without a label map "
+                          "is skipped (the paper uses the annotated cases). No such folder: every case gets the "
+                          "central window")
     src.add_argument("--totalseg", type=Path, default=None,
                      help="TotalSegmentator folder of subjects (ct.nii.gz + segmentations/<organ>.nii.gz "
                           "or a multi-label seg.nii.gz); replaces --images/--labels")
@@ -123,14 +125,15 @@ def nifti_files(folder):
 
 
 def find_cases(args):
-    """List of {case, image, label, label_kind}; label_kind None | 'file' | 'totalseg_dir'."""
+    """List of {case, image, label, label_kind}; label_kind None (no label folder at all) | 'file' |
+    'totalseg_dir' | 'missing' (labels given, none for this case: reported and skipped)."""
     if args.totalseg:
         if not args.totalseg.is_dir():
             raise SystemExit(f"error: --totalseg {args.totalseg}: no such folder")
         cases = []
         for d in sorted(p for p in args.totalseg.iterdir() if p.is_dir() and (p / "ct.nii.gz").exists()):
             ml = [d / n for n in ("seg.nii.gz", "segmentations.nii.gz") if (d / n).is_file()]
-            label, kind = (ml[0], "file") if ml else ((d / "segmentations", "totalseg_dir") if (d / "segmentations").is_dir() else (None, None))
+            label, kind = (ml[0], "file") if ml else ((d / "segmentations", "totalseg_dir") if (d / "segmentations").is_dir() else (d, "missing"))
             cases.append({"case": d.name, "image": d / "ct.nii.gz", "label": label, "label_kind": kind})
         return cases
     if not args.images.is_dir():
@@ -149,7 +152,8 @@ def find_cases(args):
             raise SystemExit(f"error: two images in {args.images} give case id {cid!r}; rename one")
         seen.add(cid)
         lab = labels.get(cid)
-        cases.append({"case": cid, "image": f, "label": lab, "label_kind": "file" if lab else None})
+        kind = "file" if lab else ("missing" if args.labels and args.labels.is_dir() else None)
+        cases.append({"case": cid, "image": f, "label": args.labels if kind == "missing" else lab, "label_kind": kind})
     return cases
 
 
@@ -323,6 +327,9 @@ def process_case(spec, cfg):
 
 
 def _process(spec, cfg, warnings):
+    if spec["label_kind"] == "missing":  # the paper uses the annotated cases only (§4.1.1)
+        raise CaseError(f"{spec['image']}: no label map for case {spec['case']!r} in {spec['label']} "
+                        f"(with labels given, only annotated cases are used, as in the paper)")
     img, aff = load_image(spec["image"])
     info = {"source_shape": list(img.shape), "source_spacing": spacing_of(aff).round(4).tolist()}
     if img.max() <= 2.0 and img.min() >= -1.0:

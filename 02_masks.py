@@ -5,7 +5,8 @@ Writes --prep/masks/:
     <case>.nii.gz          uint8 mask on exactly the image's grid and affine:
                            0 background, 1 organ (pancreas by default), 2 tumour
     previews/<case>.png    middle slices, mask outlined (and the labels, when there are any)
-    summary.json           per case: voxels, warnings, Dice against the labels when labelled
+    summary.json           per case: voxels, warnings, Dice against the labels when labelled;
+                           counts (with_tumour) and warnings for the whole set
     config.json            the settings (a rerun with others needs --overwrite)
 
 Lad's three phases all read this mask: it marks where the locality loss looks (03), what the
@@ -23,6 +24,11 @@ condition extractor encodes (04), and what the sampler augments (05).
                     official file (research-only model licence). The authors' release in
                     fact used masks from another model (UniSeg); the paper calls mask
                     precision "insignificant": the mask says where to look.
+--tumour-support D  AbdomenCT-1K and TotalSegmentator label no tumour, so UniverSeg's tumour
+                    task would have no example and the masks no label 2 (the release's have
+                    it). D is another labelled set through 01 (MSD Task07 Pancreas, labels
+                    1:4,2:5) whose cases give the tumour task its support slices. A mask set
+                    without any tumour is announced in the output and in summary.json.
 
     python 02_masks.py                                          # labels -> data/prep/masks
     python 02_masks.py --method universeg --weights auto        # the paper's priori (GPU advised)
@@ -46,6 +52,9 @@ from common import (choose_precision, guard_settings, load_checkpoint, pick_devi
 
 UNIVERSEG_URL = "https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt"
 POSITIVE_FRACTION = 0.75  # share of support slices that contain the label ("mostly")
+NO_TUMOUR = ("no mask holds a tumour (label 2): the release's masks do, and a third of the structure condition "
+             "(the Betti numbers of label 2) is constant here. AbdomenCT-1K and TotalSegmentator label no tumour: "
+             "give UniverSeg tumour examples with --tumour-support (MSD Task07 Pancreas through 01_preprocess.py)")
 
 
 def get_args(argv=None):
@@ -59,6 +68,11 @@ def get_args(argv=None):
     u.add_argument("--weights", default=None, help="UniverSeg state_dict file, or 'auto' to download the official weights")
     u.add_argument("--support-split", choices=["test", "train", "all"], default="test",
                    help="labelled cases the support slices come from (paper: the held-out labelled cases)")
+    u.add_argument("--tumour-support", type=Path, default=None,
+                   help="a 01_preprocess.py output folder of another labelled set whose labels hold tumours (MSD "
+                        "Task07 Pancreas, labels mapped 1:4,2:5): the tumour task's support slices come from all of "
+                        "its cases. AbdomenCT-1K and TotalSegmentator label no tumour, so without it no tumour is "
+                        "predicted there")
     u.add_argument("--support-size", type=int, default=64, help="support slices per prediction (UniverSeg v1 used 64)")
     u.add_argument("--ensemble", type=int, default=1, help="average the probabilities over K random support sets")
     u.add_argument("--batch", type=int, default=4, help="target slices per forward pass (memory grows with batch × support)")
@@ -75,6 +89,11 @@ def get_args(argv=None):
     args.organ, args.tumour = ids(args.organ), ids(args.tumour)
     if args.method == "universeg" and not args.weights:
         p.error("--method universeg needs --weights PATH or --weights auto")
+    if args.tumour_support is not None:
+        if args.method != "universeg":
+            p.error("--tumour-support gives UniverSeg its tumour examples: it needs --method universeg")
+        if not args.tumour:
+            p.error("--tumour-support needs tumour label ids (--tumour)")
     return args
 
 
@@ -192,6 +211,23 @@ def load_universeg(weights, device):
     return model.to(device).eval()
 
 
+def support_pools(prep, names, split_name, tasks, size, load=None):
+    """{task: SupportPool} from the labelled cases among `names` of a 01 output folder."""
+    load = load or (lambda n: (xyz_to_dhw(read_nifti(prep / "images" / f"{n}.nii.gz")[0]), None,
+                               label_or_none(prep / "labels" / f"{n}.nii.gz")))
+    data = {n: load(n) for n in names}
+    labelled = [n for n in names if data[n][2] is not None]
+    if not labelled:
+        raise SystemExit(f"error: {prep}: no labelled case in the '{split_name}' split for the support set; "
+                         f"try --support-split all, or --method labels")
+    pool = SupportPool(labelled, {n: data[n][0] for n in labelled}, {n: data[n][2] for n in labelled}, tasks, size)
+    return {task: pool for task in tasks}
+
+
+def label_or_none(path):
+    return xyz_to_dhw(read_nifti(path, None)[0]) if path.exists() else None
+
+
 # --------------------------------------------------------------------------- slices in, masks out
 def to_model_slices(vol, size=128):
     """(D, H, W) volume -> (D, 1, size, size): each slice min-max scaled to [0, 1], then resized."""
@@ -280,35 +316,38 @@ def main(args):
     split = json.loads(split_path.read_text())
     names = split["train"] + split["test"]
     settings = {k: getattr(args, k) for k in ("method", "organ", "tumour", "weights", "support_split", "support_size",
-                                              "ensemble", "resolution", "largest_component", "seed")}
+                                              "ensemble", "resolution", "largest_component", "seed",
+                                              "tumour_support")}
     guard_settings(out / "config.json", settings, args.overwrite)
     seed_everything(args.seed)
 
     def load(name):
         img, aff = read_nifti(prep / "images" / f"{name}.nii.gz")
-        lab_path = prep / "labels" / f"{name}.nii.gz"
-        lab = xyz_to_dhw(read_nifti(lab_path, None)[0]) if lab_path.exists() else None
-        return xyz_to_dhw(img), aff, lab
+        return xyz_to_dhw(img), aff, label_or_none(prep / "labels" / f"{name}.nii.gz")
 
-    model = pool = None
+    model = None
+    pools = {}  # task -> SupportPool
     tasks = {"organ": args.organ, **({"tumour": args.tumour} if args.tumour else {})}
     if args.method == "universeg":
         device = pick_device(args.device)
         precision = choose_precision(device)
         model = load_universeg(args.weights, device)
         support_names = {"test": split["test"], "train": split["train"], "all": names}[args.support_split]
-        data = {n: load(n) for n in support_names}
-        labelled = [n for n in support_names if data[n][2] is not None]
-        if not labelled:
-            raise SystemExit(f"error: no labelled case in the '{args.support_split}' split for the support set; "
-                             f"try --support-split all, or --method labels")
-        pool = SupportPool(labelled, {n: data[n][0] for n in labelled}, {n: data[n][2] for n in labelled}, tasks,
-                           args.resolution)
-        for t in tasks:
-            if not pool.positive[t].any():
-                print(f"warning: no support slice contains the {t} label {tasks[t]}: no {t} will be predicted")
-        print(f"UniverSeg on {device} ({precision.name}): support pool of {len(pool.images)} slices from "
-              f"{len(labelled)} labelled cases; {args.support_size} slices × {args.ensemble} set(s) per task")
+        pools = support_pools(prep, support_names, args.support_split, tasks, args.resolution, load)
+        if args.tumour_support is not None:  # tumour examples from another labelled set (§3.1 needs label 2)
+            if not (args.tumour_support / "split.json").is_file():
+                raise SystemExit(f"error: --tumour-support {args.tumour_support}: no split.json "
+                                 f"(not a 01_preprocess.py output folder)")
+            other = json.loads((args.tumour_support / "split.json").read_text())
+            pools |= support_pools(args.tumour_support, other["train"] + other["test"], "all",
+                                   {"tumour": args.tumour}, args.resolution)
+        for task, pool in pools.items():
+            source = args.tumour_support if task == "tumour" and args.tumour_support else prep
+            print(f"UniverSeg {task} support: {len(pool.images)} slices ({int(pool.positive[task].sum())} with the "
+                  f"label) from {len(set(pool.case_of))} labelled cases of {source}")
+            if not pool.positive[task].any():
+                print(f"warning: no support slice contains the {task} label {tasks[task]}: no {task} will be predicted")
+        print(f"UniverSeg on {device} ({precision.name}): {args.support_size} slices × {args.ensemble} set(s) per task")
 
     records, done, t_work = [], 0, 0.0
     rng = np.random.default_rng(args.seed)
@@ -333,11 +372,11 @@ def main(args):
         else:
             mask = np.zeros(img.shape, np.uint8)
             for value, task in ((1, "organ"), (2, "tumour")):
-                if task not in tasks or not pool.positive[task].any():
+                if task not in tasks or not pools[task].positive[task].any():
                     continue
                 prob = np.zeros(img.shape, np.float32)
                 for _ in range(args.ensemble):
-                    support = pool.sample(task, args.support_size, rng, exclude=name)
+                    support = pools[task].sample(task, args.support_size, rng, exclude=name)
                     prob += predict_probability(model, img, support, args.batch, device, precision) / args.ensemble
                 mask[prob > 0.5] = value  # tumour is written last: it overrides the organ
         if args.largest_component:
@@ -365,8 +404,14 @@ def main(args):
 
     ok = [r for r in records if r["status"] == "ok"]
     mean = lambda key: (lambda v: round(float(np.mean(v)), 4) if v else None)([r[key] for r in ok if r.get(key) is not None])
-    summary = {"config": settings, "counts": {"cases": len(records), "ok": len(ok), "skipped": len(records) - len(ok),
-                                              "empty": sum(r["organ_voxels"] + r["tumour_voxels"] == 0 for r in ok)},
+    with_tumour = sum(r["tumour_voxels"] > 0 for r in ok)
+    warnings = []
+    if ok and not with_tumour:
+        warnings.append(NO_TUMOUR)
+    summary = {"config": settings, "warnings": warnings,
+               "counts": {"cases": len(records), "ok": len(ok), "skipped": len(records) - len(ok),
+                          "empty": sum(r["organ_voxels"] + r["tumour_voxels"] == 0 for r in ok),
+                          "with_tumour": with_tumour},
                "mean_dice_organ": mean("dice_organ"), "mean_dice_tumour": mean("dice_tumour"),
                "masks_per_second": round(done / t_work, 3) if t_work else None, "cases": records}
     save_json(summary, out / "summary.json")
@@ -376,6 +421,9 @@ def main(args):
           f"{summary['counts']['empty']} empty")
     if summary["mean_dice_organ"] is not None:
         print(f"Dice against the labels: organ {summary['mean_dice_organ']}, tumour {summary['mean_dice_tumour']}")
+    print(f"{with_tumour} of {len(ok)} masks hold a tumour (label 2)")
+    for w in warnings:
+        print(f"\nWARNING: {w}\n")
     print(f"details in {out}/summary.json" + (f"; previews in {out}/previews" if args.previews else ""))
     if not ok:
         raise SystemExit("error: no mask was written (reasons above and in summary.json)")

@@ -14,11 +14,18 @@ encoder/decoder of "same"-padded (replicate) 3-D convs and ResBlocks, 4×4×4 do
 hinge loss and feature matching, LPIPS-VGG16 on a random slice. Lad adds the locality loss
 (Eq. 2-3): L1 between x and x̂ inside each sample's bounding box of the mask (organ or tumour),
 averaged over the samples that have a box, weighted by λ = --lambda-loc (0 = Medical Diffusion).
+The release summed over the batch instead, so at batch 2 its λ = 1 weighs the term up to twice
+as much as ours; we keep Eq. 2 as printed.
+
+Schedule: the paper's "100k steps" are Lightning 1.6 global steps, and with two optimisers
+Lightning counts two per batch. The release's checkpoint (epoch=124-step=100000, 800 volumes,
+batch 2, one GPU) is therefore 50k iterations with the discriminators from 25k, which is what
+the defaults run. Gradient norms are clipped to 1.0 per optimiser (--grad-clip), as in the release.
 
 Volumes are [0, 1] on disk (01) and [-1, 1] inside the networks, as in the release.
 
-    python 03_vqgan.py                                    # paper: 100k steps, batch 2, λ = 1 (one GPU)
-    torchrun --nproc_per_node 2 03_vqgan.py               # the same on two GPUs (DDP)
+    python 03_vqgan.py                                    # paper: 50k iterations, batch 2, λ = 1 (one GPU)
+    torchrun --nproc_per_node 2 03_vqgan.py --batch-size 1   # the same effective batch on two GPUs (DDP)
     python 03_vqgan.py --lambda-loc 0 --out runs/vqgan_l0 # Medical Diffusion baseline (Table 2, V3 vs Full)
     make demo                                             # CPU demo: small settings, see the Makefile
 """
@@ -63,16 +70,26 @@ def get_args(argv=None):
     w.add_argument("--image-gan-weight", type=float, default=0.25, help="2-D slice discriminator")
     w.add_argument("--volume-gan-weight", type=float, default=0.25, help="3-D discriminator")
     w.add_argument("--gan-feat-weight", type=float, default=4.0, help="discriminator feature matching")
-    w.add_argument("--disc-start", type=int, default=50_000, help="step at which the discriminators start")
+    w.add_argument("--disc-start", type=int, default=25_000,
+                   help="iteration at which the discriminators start (the release's 50k Lightning steps, see --steps)")
     w.add_argument("--lambda-loc", type=float, default=1.0, help="locality loss λ (Eq. 3); 0 = Medical Diffusion")
     t = p.add_argument_group("training (paper §4.1.3)")
-    t.add_argument("--steps", type=int, default=100_000, help="total optimiser steps")
-    t.add_argument("--batch-size", type=int, default=2, help="volumes per step per GPU")
+    t.add_argument("--steps", type=int, default=50_000,
+                   help="training iterations (one batch: a generator and a discriminator update). The paper's "
+                        "'100k steps' are Lightning 1.6 steps, which count each of the two optimisers: the release's "
+                        "checkpoint epoch=124-step=100000 (800 volumes, batch 2, one GPU) is 50k batches")
+    t.add_argument("--batch-size", type=int, default=2,
+                   help="volumes per iteration per GPU; under torchrun the effective batch is this × GPUs "
+                        "(the paper's 2 on one GPU; on two GPUs pass 1)")
+    t.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip each optimiser's gradient norm to this (the release and Medical Diffusion: "
+                        "gradient_clip_val 1.0); 0 = off")
     t.add_argument("--lr", type=float, default=3e-4,
                    help="Adam lr for both optimisers: the paper's 3e-4 (the release's lr scaling made it ≈1.9e-5)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on CPU")
+                   help="auto: bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on CPU. "
+                        "The release trained the VQ-GAN in fp32 (scripts/reproduce_paper.sh passes fp32)")
     t.add_argument("--device", default="auto")
     t.add_argument("--log-every", type=int, default=50, help="steps per log line / CSV row")
     t.add_argument("--save-every", type=int, default=1000, help="steps per checkpoint + preview")
@@ -471,6 +488,16 @@ def load_split(prep, names):
 
 
 # --------------------------------------------------------------------------- training step
+def clip_gradients(nets, opt, prec, max_norm):
+    """Clip the gradient norm of one optimiser's parameters to `max_norm`, as Lightning's
+    gradient_clip_val does in the release (unscaled first under fp16; no host sync)."""
+    if max_norm <= 0:
+        return
+    prec.scaler.unscale_(opt)
+    nets = nets if isinstance(nets, tuple) else (nets,)
+    torch.nn.utils.clip_grad_norm_([p for net in nets for p in net.parameters()], max_norm)
+
+
 def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
     """One step of Eq. 1 + λ·Eq. 2 for the autoencoder, then (once `gan_on`) one hinge step for both
     discriminators. x (B, 1, D, H, W) in [-1, 1]; bx, hb the precomputed organ boxes. Returns the
@@ -504,6 +531,7 @@ def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
                 + args.gan_feat_weight * feat + args.lambda_loc * loc)                  # Eq. 1 + λ·Eq. 2
     opt_ae.zero_grad(set_to_none=True)
     prec.scaler.scale(loss).backward()
+    clip_gradients(model_t, opt_ae, prec, args.grad_clip)
     prec.scaler.step(opt_ae)
     d_loss = zero
     if gan_on:  # discriminator step: hinge loss on real vs reconstructed (detached)
@@ -512,6 +540,7 @@ def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
                 args.volume_gan_weight * hinge_d_loss(d3_t(x)[0], d3_t(x_rec.detach())[0])
         opt_d.zero_grad(set_to_none=True)
         prec.scaler.scale(d_loss).backward()
+        clip_gradients((d2_t, d3_t), opt_d, prec, args.grad_clip)
         prec.scaler.step(opt_d)
     prec.scaler.update()
     return x_rec, torch.stack([l1, commitment, perceptual, g_img, g_vol, feat, loc, d_loss, perplexity]).detach().float()

@@ -4,23 +4,35 @@ Reads  --prep (default data/prep): masks/ (02, the original mask set), images/ (
        split.json, config.json (01's HU window); --vqgan (03) and --diffusion (04) checkpoints.
 Writes --out (default runs/samples):
     <id>.nii.gz          int16 HU volume, the affine of the preprocessed case its mask came from
-    <id>_mask.nii.gz     the (augmented) mask it was conditioned on, uint8 0/1/2
+    <id>_mask.nii.gz     the mask it was conditioned on, uint8 0/1/2
+    <id>.json            its record: the source case of the mask, original or augmented (and how), seed
+    samples.json         the set: its composition (originals, augmented), the settings, every record
+    config.json          the settings and the checkpoints' fingerprints (a rerun with others is refused)
     previews.png         the first samples through their organ's centroid, masks outlined
-    samples.json         per sample: source case, augmentation, seed
 
-Condition augmentation (§3.4.1): the original masks (unless --no-original, Table 2's "×" rows)
-and --aug-per-mask augmented copies of each: a flip, a random in-plane affine (rotation,
-scaling, translation) and a random elastic deformation (a smooth displacement field), all with
-nearest-neighbour label interpolation (scipy), so no new label appears. Conditions come from
-04's extractor; sampling uses the EMA weights and Eq. 4 exactly, ε̃ = (1 + w)·ε(z, c) − w·ε(z),
-with both passes in one batch (the release skipped the formula at w = 1).
+The composition of a set is explicit (§3.4.1, §4.4): --n-original samples conditioned on 02's
+masks as they are, then --n-augmented conditioned on augmented copies. A set is as large as the
+training set (§4.2) unless both are given; by default half original and half augmented: the
+"augmented mask set" (original plus augmented masks) that Table 1 and the ✓ rows of Table 2 are
+sampled from. Table 2's × rows ("unseen" masks) are --n-original 0, and Table 3 samples 256
+augmented masks for every w
+(--n-original 0 --n-augmented 256; the same masks for every w, since a mask depends only on
+--seed and the sample's index). The originals take the training cases in order, the augmented
+ones continue where the originals stopped, so each case serves once before any serves twice.
+
+Augmentation (§3.4.1): a flip, a random in-plane affine (rotation, scaling, translation) and a
+random elastic deformation (a smooth displacement field), all with nearest-neighbour label
+interpolation (scipy), so no new label appears. Conditions come from 04's extractor; sampling
+uses the EMA weights and Eq. 4 exactly, ε̃ = (1 + w)·ε(z, c) − w·ε(z), with both passes in one
+batch (the release skipped the formula at w = 1).
 
 Each sample has its own seed, so it is reproducible on its own, whatever the batch. Reruns skip
 finished samples; under torchrun, samples are shared out across GPUs.
 
-    python 05_sample.py                                        # as many as the training set, DDPM-300, w = 1
-    python 05_sample.py --sampler ddim --steps 50 --guidance 1.5 --out runs/samples_w1.5
-    python 05_sample.py --no-original --aug-per-mask 2         # "unseen" masks only (Table 2, ×)
+    python 05_sample.py                                        # training-set size, half augmented, DDPM-300, w = 1
+    python 05_sample.py --sampler ddim --steps 50 --out runs/samples_ddim      # fast: DDIM-50
+    python 05_sample.py --n-original 0                         # "unseen" masks only, as many (Table 2, ×)
+    python 05_sample.py --n-original 0 --n-augmented 256 --guidance 1.5 --out runs/samples_w1.5   # Table 3
 """
 import argparse
 import json
@@ -31,8 +43,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common import (dhw_to_xyz, load_stage, print0, read_nifti, save_json, save_preview, soft_tissue, start_run,
-                    teardown_distributed, write_nifti, xyz_to_dhw)
+from common import (dhw_to_xyz, file_fingerprint, guard_settings, load_stage, print0, read_nifti, save_json,
+                    save_preview, soft_tissue, start_run, teardown_distributed, write_nifti, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -41,10 +53,13 @@ def get_args(argv=None):
     p.add_argument("--vqgan", type=Path, default=Path("runs/vqgan/ckpt.pt"))
     p.add_argument("--diffusion", type=Path, default=Path("runs/diffusion/ckpt.pt"))
     p.add_argument("--out", type=Path, default=Path("runs/samples"))
-    p.add_argument("--n", type=int, default=None, help="volumes in total (default: the training set's size, as in §4.2)")
-    a = p.add_argument_group("condition augmentation (§3.4.1)")
-    a.add_argument("--aug-per-mask", type=int, default=1, help="augmented copies of each original mask")
-    a.add_argument("--no-original", action="store_true", help="condition on augmented masks only (Table 2, × rows)")
+    a = p.add_argument_group("the set's composition and condition augmentation (§3.4.1)")
+    a.add_argument("--n-original", type=int, default=None,
+                   help="samples conditioned on original masks (default: half the training set's size, rounded "
+                        "up, or what --n-augmented leaves of it)")
+    a.add_argument("--n-augmented", type=int, default=None,
+                   help="samples conditioned on augmented masks (default: the other half, or what --n-original "
+                        "leaves: a set is as large as the training set, §4.2, unless both are given)")
     a.add_argument("--flip-prob", type=float, default=0.5,
                    help="probability of a left-right flip (note: it moves the pancreas to the other side)")
     a.add_argument("--rotate", type=float, default=10.0, help="max in-plane rotation, degrees")
@@ -61,8 +76,15 @@ def get_args(argv=None):
     s.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     s.add_argument("--device", default="auto")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's U-Net (GPU, many samples)")
-    p.add_argument("--overwrite", action="store_true", help="redo samples that already exist (default: skip them)")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo samples that already exist and accept changed settings (default: skip them)")
+    args = p.parse_args(argv)
+    for flag in ("n_original", "n_augmented"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.n_original == 0 and args.n_augmented == 0:
+        p.error("--n-original 0 --n-augmented 0: a set of no samples")
+    return args
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -97,14 +119,25 @@ def elastic_field(rng, shape, alpha, sigma):
     return f * (alpha / max(np.abs(f).max(), 1e-8))
 
 
-def condition_plan(names, n, aug_per_mask, original):
-    """The list of (sample id, source case, augmentation index or None) for n samples:
-    cycle over [original?, aug 1..K] × cases."""
-    variants = ([None] if original else []) + list(range(1, aug_per_mask + 1))
-    if not variants:
-        raise SystemExit("error: --no-original needs --aug-per-mask >= 1")
-    pool = [(c, v) for v in variants for c in names]
-    return [(f"sample_{i:05d}", *pool[i % len(pool)]) for i in range(n)]
+def composition(n_original, n_augmented, n_train):
+    """(originals, augmented) from the flags: a set is as large as the training set (§4.2) unless both
+    are given; both unset -> half and half; one unset -> it takes what the other leaves."""
+    if n_original is None and n_augmented is None:
+        return n_train - n_train // 2, n_train // 2
+    if n_original is None:
+        return max(n_train - n_augmented, 0), n_augmented
+    if n_augmented is None:
+        return n_original, max(n_train - n_original, 0)
+    return n_original, n_augmented
+
+
+def condition_plan(names, n_original, n_augmented):
+    """[(sample id, source case, augmented?)]: the originals take the cases in order, the augmented
+    masks continue from there (cycling), so every case serves once before any serves twice."""
+    plan = []
+    for i in range(n_original + n_augmented):
+        plan.append((f"sample_{i:05d}", names[i % len(names)], i >= n_original))
+    return plan
 
 
 # --------------------------------------------------------------------------- sampling
@@ -155,54 +188,80 @@ def main(args):
     prep_cfg = json.loads((args.prep / "config.json").read_text())
     hu_lo, hu_hi = prep_cfg["hu"]
     names = json.loads((args.prep / "split.json").read_text())["train"]
-    plan = condition_plan(names, args.n or len(names), args.aug_per_mask, not args.no_original)
+    if not names:
+        raise SystemExit(f"error: {args.prep / 'split.json'}: no training case, so no mask to condition on")
+    n_original, n_augmented = composition(args.n_original, args.n_augmented, len(names))
+    plan = condition_plan(names, n_original, n_augmented)
+    # what makes this folder: a rerun with other settings or checkpoints would mix two sets (refused)
+    settings = {k: getattr(args, k) for k in ("flip_prob", "rotate", "scale", "translate", "elastic_alpha",
+                                              "elastic_sigma", "guidance", "sampler", "seed")}
+    settings.update(steps=args.steps if args.sampler == "ddim" else diffusion.T, n_original=n_original,
+                    n_augmented=n_augmented, prep=str(args.prep.resolve()), vqgan=file_fingerprint(args.vqgan),
+                    diffusion=file_fingerprint(args.diffusion))
+    if rank == 0:
+        guard_settings(args.out / "config.json", settings, args.overwrite)
+        planned = {sid for sid, _, _ in plan}
+        stale = [f for f in args.out.glob("sample_*") if f.name.split(".")[0].removesuffix("_mask") not in planned]
+        if stale and args.overwrite:  # samples of an earlier, larger plan would be counted as part of this set
+            for f in stale:
+                f.unlink()
+            print0(f"removed {len(stale)} files of samples outside the new plan from {args.out}")
     mine = [p for i, p in enumerate(plan) if i % world == rank]  # torchrun: shard the samples
-    done = lambda sid: (args.out / f"{sid}.nii.gz").exists() and (args.out / f"{sid}_mask.nii.gz").exists()
+    done = lambda sid: all((args.out / f"{sid}{ext}").exists() for ext in (".nii.gz", "_mask.nii.gz", ".json"))
     todo = [p for p in mine if args.overwrite or not done(p[0])]
     latent_shape = tuple(ck["model_kwargs"]["extractor_kwargs"]["latent_shape"])
-    print0(f"{len(plan)} samples in the plan, {len(mine) - len(todo)} of this process's {len(mine)} done already; "
+    print0(f"{len(plan)} samples in the plan ({n_original} on original masks, {n_augmented} on augmented masks), "
+           f"{len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
            f"condition '{ck['model_kwargs']['extractor_kwargs']['mode']}', on {device} ({prec.name})")
-    records, t0 = [], time.perf_counter()
+    n_new, t0 = 0, time.perf_counter()
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b:b + args.batch_size]
-        masks, affines, augs, gens = [], [], [], []
-        for sid, case, variant in batch:
+        masks, affines, records, gens = [], [], [], []
+        for sid, case, augmented in batch:
             i = int(sid.split("_")[1])
-            mask, aff = read_nifti(args.prep / "masks" / f"{case}.nii.gz", None)
-            mask = xyz_to_dhw(mask)
-            aug = None
-            if variant is not None:
-                mask, aug = augment_mask(mask, np.random.default_rng([args.seed, i, 1]), args.flip_prob, args.rotate,
+            mask, affine = read_nifti(args.prep / "masks" / f"{case}.nii.gz", None)
+            mask = xyz_to_dhw(mask)                                                   # (D, H, W) labels
+            how = None
+            if augmented:
+                mask, how = augment_mask(mask, np.random.default_rng([args.seed, i, 1]), args.flip_prob, args.rotate,
                                          tuple(args.scale), args.translate, args.elastic_alpha, args.elastic_sigma)
-            masks.append(mask), affines.append(aff), augs.append(aug)
+            masks.append(mask)
+            affines.append(affine)
+            records.append({"id": sid, "case": case, "mask": "augmented" if augmented else "original",
+                            "augmentation": how, "seed": [args.seed, i]})
             gens.append(torch.Generator().manual_seed(int(np.random.default_rng([args.seed, i, 2]).integers(2**62))))
-        cond = (dm.encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device),
-                torch.from_numpy(np.stack([dm.betti_vector(m) for m in masks])).to(device))
-        z = sample_latents(dm, diffusion, denoiser, cond, (len(batch), *latent_shape), args.guidance, args.sampler,
-                           args.steps, gens, device, prec)
+        mask_latent = dm.encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device)
+        betti = torch.from_numpy(np.stack([dm.betti_vector(m) for m in masks])).to(device)
+        z = sample_latents(dm, diffusion, denoiser, (mask_latent, betti), (len(batch), *latent_shape), args.guidance,
+                           args.sampler, args.steps, gens, device, prec)
         with torch.no_grad(), prec.autocast():
             vols = vqgan.decode(dm.from_unit(z, lo_z, hi_z), quantize=True).float()
         hu = ((vols.clamp(-1, 1) + 1) / 2 * (hu_hi - hu_lo) + hu_lo)[:, 0].round().cpu().numpy().astype(np.int16)
-        for (sid, case, variant), v, m, aff, aug in zip(batch, hu, masks, affines, augs):
-            write_nifti(args.out / f"{sid}.nii.gz", dhw_to_xyz(v), aff, np.int16)
-            write_nifti(args.out / f"{sid}_mask.nii.gz", dhw_to_xyz(m), aff, np.uint8)
-            records.append({"id": sid, "case": case, "augmentation": aug, "seed": [args.seed, int(sid.split("_")[1])]})
-        dt = time.perf_counter() - t0
-        print0(f"{b + len(batch)}/{len(todo)} new samples, {dt / (b + len(batch)):.2f} s/volume")
+        for rec, vol, mask, affine in zip(records, hu, masks, affines):
+            sid = rec["id"]
+            write_nifti(args.out / f"{sid}.nii.gz", dhw_to_xyz(vol), affine, np.int16)
+            write_nifti(args.out / f"{sid}_mask.nii.gz", dhw_to_xyz(mask), affine, np.uint8)
+            save_json(rec, args.out / f"{sid}.json")  # last: a sample is done when its record exists
+        n_new += len(batch)
+        print0(f"{n_new}/{len(todo)} new samples, {(time.perf_counter() - t0) / n_new:.2f} s/volume")
+    if world > 1:
+        torch.distributed.barrier()  # every rank's samples are written before rank 0 indexes them
     if rank == 0:
-        old = json.loads((args.out / "samples.json").read_text()) if (args.out / "samples.json").exists() else {}
-        old.update({r["id"]: r for r in records})
-        save_json(old, args.out / "samples.json")
-        shown = [p[0] for p in plan[:4] if (args.out / f"{p[0]}.nii.gz").exists()]
+        records = {sid: json.loads((args.out / f"{sid}.json").read_text()) for sid, _, _ in plan if done(sid)}
+        counts = {kind: sum(r["mask"] == kind for r in records.values()) for kind in ("original", "augmented")}
+        save_json({"composition": {"original": n_original, "augmented": n_augmented}, "written": counts,
+                   "n_train": len(names), "settings": settings, "samples": records}, args.out / "samples.json")
+        shown = [p[0] for p in plan[:4] if done(p[0])]
         if shown:
             vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo) for s in shown]
             ms = [xyz_to_dhw(read_nifti(args.out / f"{s}_mask.nii.gz", None)[0]) for s in shown]
             centres = [np.argwhere(m > 0).mean(0) if (m > 0).any() else None for m in ms]  # through the organ
             save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep), centres=centres)
         dt = time.perf_counter() - t0
-        print0(f"wrote {len(records)} new volumes (+ masks) to {args.out}/ "
-               f"({dt / max(len(records), 1):.2f} s/volume); {len(plan)} in the plan; preview {args.out / 'previews.png'}")
+        print0(f"wrote {n_new} new volumes (+ masks) to {args.out}/ ({dt / max(n_new, 1):.2f} s/volume); "
+               f"the set holds {counts['original']} on original and {counts['augmented']} on augmented masks "
+               f"({len(plan)} planned); index {args.out / 'samples.json'}; preview {args.out / 'previews.png'}")
     teardown_distributed()
 
 

@@ -10,12 +10,17 @@ Writes --out (default runs/eval):
     mds.png        Figure 4: classical MDS of the features, a least-squares ellipse per method
     cache/         features per folder (keyed on the files, the network, its weights and the crop)
 
+Sets are evaluated one at a time (the real set stays loaded, each synthetic set is read, measured
+and released), so memory holds two sets, not all of them: Table 2's nine sets at the paper's size
+would be some 75 GB at once.
+
 The protocol is HA-GAN's, as the paper uses it (REFERENCE.md §6):
   features  MedicalNet 3D ResNet-50 (global average pooled, 2048-d), volumes fed in [-1, 1];
   FID       Fréchet distance between Gaussian fits of the features;
   MMD       unbiased MMD² with a Gaussian kernel, bandwidth from the median heuristic;
   localised the same on every volume (real and synthetic) cropped to the maximum bounding box of
-            the organ over the original mask set;
+            the organ over the original mask set (02's masks of the training split; components under a
+            tenth of a mask's largest are left out, so one stray voxel cannot widen the box);
   MS-SSIM   3-D, averaged over --pairs random pairs within a set (lower = more diverse); the
             real set's value is the reference row.
 Without --med3d-weights the network keeps a fixed-seed random initialisation; every output then
@@ -33,7 +38,7 @@ check: the organ contrast, the mean HU inside each volume's mask minus the 2-vox
 it, with the next volume's mask as a control (what the organ's usual position alone gives).
 
     python 06_eval.py                                                     # runs/samples vs data/prep
-    python 06_eval.py --fake lad=runs/samples --fake v0=runs/samples_v0 --med3d-weights resnet_50_23dataset.pth
+    python 06_eval.py --fake lad=runs/samples --fake v0=runs/samples_v0 --med3d-weights pretrain/resnet_50.pth
 """
 import argparse
 import hashlib
@@ -50,7 +55,10 @@ from scipy import linalg, ndimage
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from common import atomic_path, pick_device, read_nifti, save_figure, save_json, seed_everything, xyz_to_dhw
+from common import (atomic_path, load_stage, pick_device, read_nifti, save_figure, save_json, seed_everything,
+                    xyz_to_dhw)
+
+vqgan = load_stage("03_vqgan")  # mask_box
 
 RANDOM_NOTE = "random features — not comparable to the paper"
 
@@ -66,7 +74,8 @@ def get_args(argv=None):
     f = p.add_argument_group("features (HA-GAN protocol, REFERENCE.md §6)")
     f.add_argument("--med3d-depth", type=int, choices=sorted(MEDICALNET_ARCH), default=50, help="MedicalNet ResNet depth")
     f.add_argument("--med3d-weights", default=None,
-                   help="MedicalNet checkpoint (resnet_50_23dataset.pth), or 'auto' to download; none = random features")
+                   help="MedicalNet checkpoint (pretrain/resnet_50.pth, the one HA-GAN's evaluation used), or "
+                        "'auto' to download; none = random features")
     f.add_argument("--batch-size", type=int, default=4, help="volumes per feature batch")
     f.add_argument("--pairs", type=int, default=400, help="random pairs for the MS-SSIM diversity (§4.2)")
     q = p.add_argument_group("mask fidelity (our addition)")
@@ -491,20 +500,41 @@ def real_pairs(prep, names):
 
 
 def fake_pairs(folder):
-    imgs = sorted(p for p in folder.glob("*.nii.gz") if not p.name.endswith("_mask.nii.gz"))
+    """A synthetic set's (volume, condition mask) paths: the samples 05's samples.json lists, or, for
+    a folder from elsewhere, every NIfTI but masks and hidden (temporary) files."""
+    index = folder / "samples.json"
+    if index.is_file():
+        imgs = [folder / f"{sid}.nii.gz" for sid in sorted(json.loads(index.read_text())["samples"])]
+    else:
+        imgs = sorted(p for p in folder.glob("*.nii.gz") if not p.name.endswith("_mask.nii.gz")
+                      and not p.name.startswith("."))
     return [(p, p.with_name(p.name.replace(".nii.gz", "_mask.nii.gz"))) for p in imgs]
 
 
-def union_box(masks):
-    """[z0, z1, y0, y1, x0, x1) covering the organ (labels > 0) in every mask: the maximum
-    bounding box over the mask set (§4.2 localised evaluation). None if every mask is empty."""
+def set_composition(folder):
+    """How many samples of a 05 set were conditioned on original and on augmented masks (None when
+    the folder has no samples.json): what a table row is allowed to be built from (§4.4)."""
+    index = folder / "samples.json"
+    if not index.is_file():
+        return None
+    samples = json.loads(index.read_text())["samples"].values()
+    return {kind: sum(r["mask"] == kind for r in samples) for kind in ("original", "augmented")}
+
+
+def organ_box(masks, min_fraction=0.1):
+    """[z0, z1, y0, y1, x0, x1): the maximum bounding box of the organ (labels > 0) over a mask set
+    (§4.2, localised FID/MMD; the paper takes the original mask set, here its training masks). Per
+    mask, connected components (26-connected) smaller than `min_fraction` of its largest one are left
+    out, so a stray voxel of a predicted mask cannot widen the box to the whole volume. None if
+    every mask is empty."""
     box = None
     for m in masks:
-        fg = np.argwhere(m > 0)
-        if len(fg) == 0:
+        parts, n = ndimage.label(m > 0, structure=np.ones((3, 3, 3)))
+        if n == 0:
             continue
-        lo, hi = fg.min(0), fg.max(0) + 1
-        b = [int(v) for pair in zip(lo, hi) for v in pair]
+        sizes = np.bincount(parts.ravel())[1:]
+        keep = np.isin(parts, 1 + np.flatnonzero(sizes >= min_fraction * sizes.max()))
+        b = vqgan.mask_box(keep)
         box = b if box is None else [min(box[i], b[i]) if i % 2 == 0 else max(box[i], b[i]) for i in range(6)]
     return box
 
@@ -758,37 +788,54 @@ def main(args):
     cfg = json.loads((args.real / "config.json").read_text())
     split = json.loads((args.real / "split.json").read_text())
     hu = cfg["hu"]
+    for name, folder in args.fake.items():
+        if not folder.is_dir():
+            raise SystemExit(f"error: --fake {name}={folder}: no such folder (run 05_sample.py first)")
     real_names = {"all": split["train"] + split["test"], "train": split["train"], "test": split["test"]}[args.real_split]
     real_pairs_ = real_pairs(args.real, real_names)
     names, real, real_masks = load_set(real_pairs_, hu)
     if len(real) < 2:
         raise SystemExit(f"error: {args.real}: fewer than 2 readable real volumes in split '{args.real_split}'")
     shape = real.shape[1:]
-    all_masks = [xyz_to_dhw(read_nifti(p, None)[0]) for p in sorted((args.real / "masks").glob("*.nii.gz"))]
-    box = union_box(all_masks)
-    sets = {"real": (real_pairs_, real, real_masks)}
-    for name, folder in args.fake.items():
-        if not folder.is_dir():
-            raise SystemExit(f"error: --fake {name}={folder}: no such folder (run 05_sample.py first)")
-        pairs = fake_pairs(folder)
-        _, vols, masks = load_set(pairs, hu, shape)
-        if len(vols) == 0:
-            raise SystemExit(f"error: {folder}: no readable volumes of shape {tuple(shape)}")
-        sets[name] = (pairs, vols, masks)
-    print(f"real: {len(real)} volumes {tuple(shape)} ({args.real_split}); "
-          + ", ".join(f"{k}: {len(v[1])}" for k, v in sets.items() if k != "real")
-          + f"; organ box {box} (over {len(all_masks)} masks)")
+    train_masks = [xyz_to_dhw(read_nifti(m, None)[0]) for _, m in real_pairs(args.real, split["train"]) if m.exists()]
+    box = organ_box(train_masks)
+    print(f"real: {len(real)} volumes {tuple(shape)} ({args.real_split}); synthetic sets: {', '.join(args.fake)}; "
+          f"organ box {box} (over {len(train_masks)} training masks)")
 
-    # --- features (MedicalNet), holistic and localised
-    t0 = time.perf_counter()
     model, note = load_medicalnet(args.med3d_depth, args.med3d_weights, device)
     random_features = args.med3d_weights is None
     print(f"features: {note}")
     wpath = Path(str(args.med3d_weights))
     wid = f"{wpath.resolve()}|{wpath.stat().st_size}" if wpath.is_file() else str(args.med3d_weights)
     wkey = hashlib.sha1(f"{args.med3d_depth}|{wid}".encode()).hexdigest()[:8]  # cache key: network + weights
-    feats, feats_local = {}, {}
-    for name, (pairs, vols, _) in sets.items():
+    seconds = {"features": 0.0, "metrics": 0.0, "fidelity": 0.0}
+
+    # --- the real test split and the real training set of the fidelity probe
+    loaded = dict(zip(names, zip(real, real_masks)))  # the real volumes read above are not read again
+
+    def real_split_set(wanted):
+        new = [n for n in wanted if n not in loaded]
+        if new:
+            got_names, v, m = load_set(real_pairs(args.real, new), hu)
+            loaded.update(zip(got_names, zip(v, m)))
+        return [loaded[n][0] for n in wanted if n in loaded], [loaded[n][1] for n in wanted if n in loaded]
+
+    usable = lambda v, m: ([x for x, y in zip(v, m) if y is not None], [y for y in m if y is not None])
+    test_vols, test_masks = usable(*real_split_set(split["test"])) if args.fidelity_steps > 0 else ([], [])
+    if args.fidelity_steps > 0 and not test_masks:
+        print(f"mask fidelity skipped: no masks for the real test split in {args.real / 'masks'}")
+
+    # --- one set at a time: features (holistic, localised), MS-SSIM, organ contrast, fidelity
+    feats, feats_local, results = {}, {}, {}
+    for name in ["real", *args.fake]:
+        t0 = time.perf_counter()
+        if name == "real":
+            pairs, vols, masks = real_pairs_, real, real_masks
+        else:
+            pairs = fake_pairs(args.fake[name])
+            _, vols, masks = load_set(pairs, hu, shape)
+            if len(vols) == 0:
+                raise SystemExit(f"error: {args.fake[name]}: no readable volumes of shape {tuple(shape)}")
         key = f"{file_key(pairs)}_{wkey}"
         as_input = lambda v: torch.from_numpy(np.ascontiguousarray(v))[:, None] * 2 - 1  # [0, 1] -> [-1, 1], (N, 1, D, H, W)
         feats[name] = cached_features(args.out / "cache", name, key,
@@ -797,54 +844,38 @@ def main(args):
             bkey = hashlib.sha1(str(box).encode()).hexdigest()[:6]
             feats_local[name] = cached_features(args.out / "cache", f"{name}_local", f"{key}_{bkey}",
                                                 lambda: features(model, as_input(crop(vols, box)), args.batch_size))
-    t_feat = time.perf_counter() - t0
+        seconds["features"] += time.perf_counter() - t0
 
-    # --- FID, MMD, MS-SSIM diversity
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-    results = {}
-    for name, (pairs, vols, masks) in sets.items():
+        t0 = time.perf_counter()
         r = {"n": len(vols), "folder": str(args.real if name == "real" else args.fake[name])}
         if name != "real":
+            r["composition"] = set_composition(args.fake[name])
             r["fid"], r["mmd"] = fid(feats["real"], feats[name]), mmd(feats["real"], feats[name])
             if box is not None:
-                r["fid_local"], r["mmd_local"] = fid(feats_local["real"], feats_local[name]), mmd(feats_local["real"], feats_local[name])
-        r["ms_ssim"] = diversity(vols, args.pairs, rng)
+                r["fid_local"] = fid(feats_local["real"], feats_local[name])
+                r["mmd_local"] = mmd(feats_local["real"], feats_local[name])
+        # the same pairs for a set whatever else is evaluated with it: one set gives one figure in every table
+        r["ms_ssim"] = diversity(vols, args.pairs, np.random.default_rng(args.seed))
         if any(m is not None for m in masks):
             r["contrast"] = contrast_summary(vols, masks, hu)
             print(f"organ contrast, {name}: {fmt(r['contrast']['own_hu'], 1)} HU inside its masks vs the shell around "
                   f"(another volume's mask: {fmt(r['contrast']['shuffled_hu'], 1)} HU)")
-        results[name] = r
-    t_metrics = time.perf_counter() - t0
+        seconds["metrics"] += time.perf_counter() - t0
 
-    # --- mask fidelity: train on each set, test on the real test split
-    t0 = time.perf_counter()
-    if args.fidelity_steps > 0:
-        loaded = dict(zip(names, zip(real, real_masks)))  # the real volumes read above are not read again
-
-        def real_split_set(wanted):
-            new = [n for n in wanted if n not in loaded]
-            if new:
-                got_names, v, m = load_set(real_pairs(args.real, new), hu)
-                loaded.update(zip(got_names, zip(v, m)))
-            return [loaded[n][0] for n in wanted if n in loaded], [loaded[n][1] for n in wanted if n in loaded]
-
-        usable = lambda v, m: ([x for x, y in zip(v, m) if y is not None], [y for y in m if y is not None])
-        test_vols, test_masks = usable(*real_split_set(split["test"]))
-        tr_vols, tr_masks = real_split_set(split["train"])
-        if not test_masks:
-            print(f"mask fidelity skipped: no masks for the real test split in {args.real / 'masks'}")
-        else:
-            sources = {"real": usable(tr_vols, tr_masks)} | {k: usable(v[1], v[2]) for k, v in sets.items() if k != "real"}
-            for name, (v, m) in sources.items():
-                if not m:
-                    print(f"mask fidelity for {name}: no condition masks (<id>_mask.nii.gz) beside the volumes, skipped")
-                    continue
-                results[name]["fidelity"] = fidelity(np.stack(v), m, np.stack(test_vols), test_masks, args, device)
-                fd = results[name]["fidelity"]
-                print(f"mask fidelity, trained on {name} ({len(v)} volumes): organ Dice {fd['dice_organ']:.3f}"
+        t0 = time.perf_counter()
+        if test_masks:  # mask fidelity: train on this set, test on the real test split
+            train_vols, train_masks_ = usable(*real_split_set(split["train"])) if name == "real" else usable(vols, masks)
+            if not train_masks_:
+                print(f"mask fidelity for {name}: no condition masks (<id>_mask.nii.gz) beside the volumes, skipped")
+            else:
+                r["fidelity"] = fidelity(np.stack(train_vols), train_masks_, np.stack(test_vols), test_masks, args,
+                                         device)
+                fd = r["fidelity"]
+                print(f"mask fidelity, trained on {name} ({len(train_vols)} volumes): organ Dice {fd['dice_organ']:.3f}"
                       + (f", tumour Dice {fd['dice_tumour']:.3f}" if fd["dice_tumour"] is not None else ""))
-    t_fid = time.perf_counter() - t0
+        seconds["fidelity"] += time.perf_counter() - t0
+        results[name] = r
+        del vols, masks  # a synthetic set leaves memory before the next is read
 
     # --- outputs
     groups, offset = {}, 0
@@ -856,15 +887,17 @@ def main(args):
     plot_mds(args.out / "mds.png", embed, groups, title)
     meta = {"features": {"network": f"MedicalNet ResNet-{args.med3d_depth}",
                          "weights": "random" if random_features else str(args.med3d_weights), "note": note},
-            "real_split": args.real_split, "organ_box": box, "pairs": args.pairs,
+            "real_split": args.real_split, "organ_box": box,
+            "organ_box_from": f"{len(train_masks)} masks of the training split", "pairs": args.pairs,
             "fidelity": {"steps": args.fidelity_steps, "batch": args.fidelity_batch, "width": args.fidelity_width,
                          "test": "real test split"},
-            "seconds": {"features": t_feat, "metrics": t_metrics, "fidelity": t_fid}}
+            "seconds": seconds}
     save_json({"settings": meta, "results": results}, args.out / "metrics.json")
     table = write_table(args.out / "table.md", results, f"Features: {note}.")
     print(table)
     print(f"wrote {args.out / 'metrics.json'}, {args.out / 'table.md'}, {args.out / 'mds.png'} in "
-          f"{time.perf_counter() - t_start:.0f} s (features {t_feat:.0f} s, metrics {t_metrics:.0f} s, fidelity {t_fid:.0f} s)")
+          f"{time.perf_counter() - t_start:.0f} s (features {seconds['features']:.0f} s, metrics "
+          f"{seconds['metrics']:.0f} s, fidelity {seconds['fidelity']:.0f} s)")
     return results
 
 

@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := data/demo
 
-.PHONY: demo demo-ssl reproduce test test-all clean-demo
+.PHONY: demo demo-ssl reproduce reproduce-tiny test test-all clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,7 @@ $(VENV)/.installed: requirements.txt
 #   VQ-GAN    n_hiddens 8 (paper 16), 512 codes (paper 16384), no LPIPS (its weights need a download), 300 steps;
 #   diffusion Unet3D width 16 (paper 64), batch 8 (paper 20), $(DIFF_STEPS) steps; Lad (--cond both) and V0
 #             (--cond none) with the same budget, trained side by side on one core each;
+#   samples   12 per model, as the paper's sets are made: 6 on original masks, 6 on augmented ones (§3.4.1);
 #   eval      MedicalNet ResNet-10 with random weights (the pretrained files need a download), a width-8
 #             fidelity probe for 300 steps.
 DEMO_RUNS  := runs/demo
@@ -29,7 +30,7 @@ DIFF_STEPS := 1600
 DIFF_ARGS  := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 \
 	--attn-dim-head 16 --batch-size 8 --lr 1e-3 --steps $(DIFF_STEPS) --ema-start 800 --ema-every 1 --ema-decay 0.99 \
 	--log-every 200 --save-every $(DIFF_STEPS) --n-preview 2 --workers 1 --fresh
-SAMPLE_ARGS := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --n 12 --aug-per-mask 1 --guidance 1.0 \
+SAMPLE_ARGS := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --n-original 6 --n-augmented 6 --guidance 1.0 \
 	--sampler ddim --steps 50 --batch-size 5 --overwrite
 
 demo: $(VENV)/.installed
@@ -69,6 +70,14 @@ demo-ssl: $(VENV)/.installed
 # QUICK=1 shortens the schedule, NGPU=N uses torchrun, DRY=1 prints the commands).
 reproduce: $(VENV)/.installed
 	bash scripts/reproduce_paper.sh
+
+# The rehearsal of the paper run: every command of scripts/reproduce_paper.sh (both datasets, both VQ-GANs, five
+# diffusion models, every sample set, the three evaluations, SSL-ALPNet, the tables) on phantoms at toy sizes, on the
+# CPU, from scratch; then the tests of what went into each table (tests/test_rehearsal.py). About 10 minutes.
+reproduce-tiny: $(VENV)/.installed
+	rm -rf data/tiny runs/tiny
+	TINY=1 bash scripts/reproduce_paper.sh
+	$(PY) -m pytest -q -m rehearsal tests/test_rehearsal.py
 
 # Fast default suite (tests marked slow are left out; `make test-all` runs them too).
 test: $(VENV)/.installed

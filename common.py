@@ -14,6 +14,7 @@ Conventions used by every stage
 """
 import contextlib
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -73,6 +74,16 @@ def guard_settings(path, settings, overwrite=False):
                              f"pass --overwrite to redo it, or choose another output folder")
     save_json(settings, path)
     return settings
+
+
+def file_fingerprint(path, chunk=1 << 22):
+    """sha1 of a file's bytes (16 hex digits): what an output folder records of the checkpoint it
+    was made from, so that a retrained checkpoint at the same path is noticed."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _json_default(x):

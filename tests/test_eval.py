@@ -14,21 +14,35 @@ ev = load_stage("06_eval")
 
 
 # --------------------------------------------------------------------------- boxes
-def test_union_box_and_crop_at_the_borders():
+def test_organ_box_and_crop_at_the_borders():
     a = np.zeros((8, 10, 12), np.uint8)
     b = np.zeros_like(a)
     a[0, 0, 3:5] = 1            # touches the first slice and the first row
     b[7, 4:10, 11] = 2          # touches the last slice, last row and last column
-    box = ev.union_box([a, np.zeros_like(a), b])
+    box = ev.organ_box([a, np.zeros_like(a), b])
     assert box == [0, 8, 0, 10, 3, 12]
     vols = np.arange(2 * 8 * 10 * 12, dtype=np.float32).reshape(2, 8, 10, 12)
     c = ev.crop(vols, box)
     assert c.shape == (2, 8, 10, 9)
     assert np.array_equal(c, vols[:, :, :, 3:])
-    assert ev.union_box([np.zeros_like(a)]) is None
+    assert ev.organ_box([np.zeros_like(a)]) is None
     inner = np.zeros_like(a)
     inner[2:4, 5:7, 6:9] = 1
-    assert ev.union_box([inner]) == [2, 4, 5, 7, 6, 9]
+    assert ev.organ_box([inner]) == [2, 4, 5, 7, 6, 9]
+
+
+def test_organ_box_ignores_stray_voxels_but_keeps_real_parts():
+    """One stray voxel of a predicted mask must not widen the box to the whole volume; a second
+    part of the organ of real size (a pancreas cut in two on a slice) still counts."""
+    organ = np.zeros((16, 32, 32), np.uint8)
+    organ[6:10, 12:20, 10:22] = 1                                 # 384 voxels
+    stray = organ.copy()
+    stray[0, 0, 0] = 1
+    stray[15, 31, 31] = 2
+    assert ev.organ_box([organ, stray]) == [6, 10, 12, 20, 10, 22]
+    split = organ.copy()
+    split[6:10, 24:28, 26:30] = 1                                  # 64 voxels: a sixth of the largest part
+    assert ev.organ_box([split]) == [6, 10, 12, 28, 10, 30]
 
 
 # --------------------------------------------------------------------------- MDS and ellipse
@@ -158,6 +172,7 @@ def test_end_to_end_on_tiny_folders(tmp_path, masked_prep):
     names = split["train"] + split["test"]
     _write_fake(tmp_path / "copy", masked_prep, names, hu)                      # the real set again, in HU
     _write_fake(tmp_path / "noisy", masked_prep, names, hu, noise=0.15)
+    (tmp_path / "noisy" / ".s0.nii.gz.4242.tmp.nii.gz").write_bytes(b"half-written")  # a killed writer's temp file
     out = tmp_path / "eval"
     cmd = [sys.executable, str(REPO / "06_eval.py"), "--real", str(masked_prep), "--fake", f"copy={tmp_path / 'copy'}",
            "--fake", f"noisy={tmp_path / 'noisy'}", "--out", str(out), "--med3d-depth", "10", "--pairs", "10",
@@ -167,6 +182,9 @@ def test_end_to_end_on_tiny_folders(tmp_path, masked_prep):
     m = json.loads((out / "metrics.json").read_text())
     res = m["results"]
     assert m["settings"]["features"]["weights"] == "random"
+    train_masks = [read_nifti(masked_prep / "masks" / f"{n}.nii.gz", None)[0].transpose(2, 1, 0) for n in split["train"]]
+    assert m["settings"]["organ_box"] == ev.organ_box(train_masks), "the box comes from the training masks"
+    assert res["noisy"]["n"] == len(names) and res["noisy"]["composition"] is None  # not a 05 folder
     assert ev.RANDOM_NOTE in (out / "table.md").read_text() and ev.RANDOM_NOTE in r.stdout
     assert res["copy"]["fid"] < 1e-3 * res["noisy"]["fid"]                    # HU rounding only
     assert res["copy"]["fid_local"] < res["noisy"]["fid_local"]

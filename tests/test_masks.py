@@ -174,7 +174,8 @@ def test_empty_and_unlabelled_cases_are_reported(tmp_path, small_prep):
     r = run_masks(prep, "--organ", "9", "--tumour", "")  # an organ id nobody has: every mask empty
     assert r.returncode == 0, r.stderr
     s = json.loads((prep / "masks" / "summary.json").read_text())
-    assert s["counts"] == {"cases": 4, "ok": 3, "skipped": 1, "empty": 3}
+    assert s["counts"] == {"cases": 4, "ok": 3, "skipped": 1, "empty": 3, "with_tumour": 0}
+    assert s["warnings"] == [masks.NO_TUMOUR] and "WARNING: no mask holds a tumour" in r.stdout
     rec = {c["case"]: c for c in s["cases"]}
     assert "no label map" in rec[name]["reason"]
     assert all("empty mask" in c["warnings"][0] for c in s["cases"] if c["status"] == "ok")
@@ -196,3 +197,38 @@ def test_universeg_end_to_end_with_small_random_weights(tmp_path, small_prep):
     assert "UniverSeg on cpu (fp32)" in r.stdout and "Dice against the labels" in r.stdout
     r = run_masks(prep, "--method", "universeg")
     assert r.returncode != 0 and "needs --weights" in r.stderr
+
+
+def test_tumour_support_from_another_labelled_set(tmp_path, small_prep):
+    """A dataset without tumour labels (AbdomenCT-1K, TotalSegmentator) gets no tumour support of its
+    own: 02 says so loudly. --tumour-support takes the tumour examples from another 01 folder. The
+    UniverSeg here answers 'yes' everywhere (zero output weights, bias +5), so a task that runs
+    covers every voxel: the masks show exactly which tasks ran."""
+    prep = shutil.copytree(small_prep, tmp_path / "prep")
+    for f in (prep / "labels").iterdir():  # no tumour in this dataset's labels
+        img = nib.load(f)
+        lab = np.asarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.where(lab == 5, 4, lab).astype(np.uint8), img.affine, img.header), f)
+    model = masks.UniverSeg()
+    state = model.state_dict()
+    state["out_conv.conv.weight"].zero_()
+    state["out_conv.conv.bias"].fill_(5.0)
+    torch.save(state, tmp_path / "w.pt")
+    args = ("--method", "universeg", "--weights", tmp_path / "w.pt", "--support-size", "3", "--resolution", "32",
+            "--no-previews")
+    r = run_masks(prep, *args)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((prep / "masks" / "summary.json").read_text())
+    assert s["counts"]["with_tumour"] == 0 and s["warnings"] == [masks.NO_TUMOUR]
+    assert "no support slice contains the tumour label" in r.stdout and "WARNING: no mask holds a tumour" in r.stdout
+    name = s["cases"][0]["case"]
+    assert set(np.unique(np.asarray(nib.load(prep / "masks" / f"{name}.nii.gz").dataobj))) == {1}
+    r = run_masks(prep, *args, "--tumour-support", small_prep, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((prep / "masks" / "summary.json").read_text())
+    assert s["counts"]["with_tumour"] == 4 and s["warnings"] == []
+    assert s["config"]["tumour_support"] == str(small_prep)
+    assert f"tumour support: " in r.stdout and str(small_prep) in r.stdout
+    assert set(np.unique(np.asarray(nib.load(prep / "masks" / f"{name}.nii.gz").dataobj))) == {2}
+    r = run_masks(prep, "--tumour-support", small_prep)
+    assert r.returncode != 0 and "needs --method universeg" in r.stderr

@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_PHANTOMS
+from common import read_nifti
+from conftest import REPO, SMALL_PHANTOMS, SMALL_PREP
 
 
 def default_args(phantoms, extra=()):
@@ -102,3 +103,24 @@ def test_refuses_to_overwrite_foreign_files(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0 and "refusing to overwrite" in r.stderr and str(theirs) in r.stderr
     assert theirs.read_bytes() == b"somebody's real AbdomenCT-1K case"
+
+
+def test_totalseg_layout_preprocesses_like_the_abdomenct1k_layout(tmp_path, phantoms, prep):
+    """The same phantoms in TotalSegmentator's layout (one file per organ, v2 names) go through
+    01 --totalseg to the same image and the same labels, the tumour counted as pancreas."""
+    for layout in ("abdomenct1k", "totalseg"):
+        phantoms.main(phantoms.get_args(["--out", str(tmp_path / layout), "--n", "2", "--layout", layout,
+                                         *SMALL_PHANTOMS]))
+    assert sorted(p.name for p in (tmp_path / "totalseg" / "s0001" / "segmentations").iterdir()) == [
+        f"{o}.nii.gz" for o in ("kidney_left", "kidney_right", "liver", "pancreas", "spleen")]
+    a, t = tmp_path / "prep_a", tmp_path / "prep_t"
+    prep.main(prep.get_args(["--images", str(tmp_path / "abdomenct1k" / "images"), "--labels",
+                             str(tmp_path / "abdomenct1k" / "labels"), "--out", str(a), *SMALL_PREP]))
+    prep.main(prep.get_args(["--totalseg", str(tmp_path / "totalseg"), "--out", str(t), *SMALL_PREP]))
+    for k in (1, 2):
+        img_a, img_t = (read_nifti(d / "images" / f"{n}.nii.gz")[0] for d, n in ((a, f"Case_{k:05d}"), (t, f"s{k:04d}")))
+        np.testing.assert_array_equal(img_a, img_t)
+        lab_a = read_nifti(a / "labels" / f"Case_{k:05d}.nii.gz", None)[0]
+        lab_t = read_nifti(t / "labels" / f"s{k:04d}.nii.gz", None)[0]
+        np.testing.assert_array_equal(np.where(lab_a == 5, 4, lab_a), lab_t)
+        assert (lab_t == 2).sum() > 0 and (lab_t == 4).sum() > 0

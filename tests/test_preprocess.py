@@ -291,6 +291,21 @@ def test_without_labels_the_central_window(tmp_path, prep, small_raw):
         assert rec["windows"][0]["z_start"] == (n - 16) // 2 and "central" in rec["warnings"][0]
 
 
+def test_with_labels_an_unlabelled_image_is_skipped_not_split(tmp_path, prep, small_raw):
+    """The paper uses the annotated cases only: with a label folder, an image without its label map
+    is reported and skipped, so it can reach neither split (07 tests on the test split's labels)."""
+    labels = tmp_path / "labels"
+    shutil.copytree(small_raw / "labels", labels)
+    gone = sorted(labels.iterdir())[0]
+    gone.unlink()
+    run(prep, ["--images", small_raw / "images", "--labels", labels, "--out", tmp_path / "p", "--n-test", "2", *SMALL_PREP])
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    split = json.loads((tmp_path / "p" / "split.json").read_text())
+    case = gone.name.removesuffix(".nii.gz")
+    assert s["counts"]["ok"] == 3 and case in s["skipped"] and "no label map" in s["skipped"][case]
+    assert case not in split["train_cases"] + split["test_cases"]
+
+
 def test_all_windows_and_split_by_case(tmp_path, prep, small_raw):
     run(prep, ["--images", small_raw / "images", "--labels", small_raw / "labels", "--out", tmp_path / "p",
                "--windows", "all", "--window-stride", "3", "--n-test", "1", *SMALL_PREP])

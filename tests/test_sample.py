@@ -1,5 +1,6 @@
 """05_sample.py: mask augmentation properties, Eq. 4 and the samplers against hand computation,
 per-sample reproducibility, and the CLI end to end on tiny checkpoints."""
+import json
 import subprocess
 import sys
 
@@ -122,13 +123,16 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
                         "--device", "cpu", "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     cmd = [sys.executable, str(REPO / "05_sample.py"), "--prep", str(masked_prep), "--vqgan", str(tmp_path / "vq.pt"),
-           "--diffusion", str(tmp_path / "diff" / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n", "3", "--batch-size", "2",
+           "--diffusion", str(tmp_path / "diff" / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-original", "1", "--n-augmented", "2", "--batch-size", "2",
            "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote 3 new volumes" in r.stdout and "s/volume" in r.stdout
-    samples = __import__("json").loads((tmp_path / "s" / "samples.json").read_text())
+    index = json.loads((tmp_path / "s" / "samples.json").read_text())
+    samples = index["samples"]
+    assert index["composition"] == {"original": 1, "augmented": 2} and index["written"] == index["composition"]
     for sid, rec in samples.items():
+        assert rec == json.loads((tmp_path / "s" / f"{sid}.json").read_text())
         img, msk = nib.load(tmp_path / "s" / f"{sid}.nii.gz"), nib.load(tmp_path / "s" / f"{sid}_mask.nii.gz")
         src = nib.load(masked_prep / "images" / f"{rec['case']}.nii.gz")
         np.testing.assert_array_equal(img.affine, src.affine)
@@ -136,8 +140,33 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
         v = np.asarray(img.dataobj)
         assert img.get_data_dtype() == np.int16 and v.shape == src.shape and v.min() >= -1000 and v.max() <= 400
         assert set(np.unique(np.asarray(msk.dataobj))) <= {0, 1, 2}
-    assert samples["sample_00000"]["augmentation"] is None and samples["sample_00002"]["augmentation"] is not None
+    assert samples["sample_00000"]["mask"] == "original" and samples["sample_00000"]["augmentation"] is None
+    assert [samples[f"sample_{i:05d}"]["mask"] for i in (1, 2)] == ["augmented", "augmented"]
+    assert all(samples[f"sample_{i:05d}"]["augmentation"] is not None for i in (1, 2))
+    # the original sample's mask is 02's mask of its case, voxel for voxel
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "s" / "sample_00000_mask.nii.gz").dataobj),
+                                  np.asarray(nib.load(masked_prep / "masks" / f"{samples['sample_00000']['case']}.nii.gz").dataobj))
     stamp = (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "wrote 0 new volumes" in r.stdout, r.stdout
     assert (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns == stamp
+    # another guidance weight into the same folder would mix two sets: refused, nothing written
+    r = subprocess.run(cmd + ["--guidance", "2.0"], capture_output=True, text=True)
+    assert r.returncode != 0 and "other settings (guidance)" in r.stderr, r.stderr[-500:]
+    assert (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_composition_defaults_and_plan():
+    assert sm.composition(None, None, 800) == (400, 400)   # the augmented mask set, as large as the training set
+    assert sm.composition(None, None, 7) == (4, 3)
+    assert sm.composition(0, 256, 800) == (0, 256)         # Table 3
+    assert sm.composition(0, None, 800) == (0, 800)         # Table 2, × rows: only augmented, as many
+    assert sm.composition(None, 5, 800) == (795, 5) and sm.composition(900, None, 800) == (900, 0)
+    names = ["a", "b", "c"]
+    plan = sm.condition_plan(names, 2, 4)
+    assert [case for _, case, _ in plan] == ["a", "b", "c", "a", "b", "c"], "each case once before any twice"
+    assert [aug for _, _, aug in plan] == [False, False, True, True, True, True]
+    assert [sid for sid, _, _ in plan] == [f"sample_{i:05d}" for i in range(6)]
+    for bad in (["--n-original", "-1"], ["--n-original", "0", "--n-augmented", "0"]):
+        with pytest.raises(SystemExit):
+            sm.get_args(bad)
