@@ -1,8 +1,8 @@
-"""What went into each table of the rehearsal (`make reproduce-tiny`: scripts/reproduce_paper.sh with TINY=1 on
-phantoms). Marked `rehearsal`: these read its outputs in data/tiny/ and runs/tiny/, so they run after it (the
-Makefile target runs both), not in `make test`."""
+"""What went into each table of the rehearsal (`make reproduce-tiny`: scripts/reproduce_paper.sh
+with TINY=1 on phantoms). Marked `rehearsal`: these read its outputs in data/tiny/ and runs/tiny/, so
+they run after it (the Makefile target runs both), not in `make test`."""
+
 import hashlib
-import importlib.util
 import json
 
 import numpy as np
@@ -13,17 +13,18 @@ from conftest import REPO
 
 pytestmark = pytest.mark.rehearsal
 ev = load_stage("06_eval")
-spec = importlib.util.spec_from_file_location("paper_tables", REPO / "scripts" / "paper_tables.py")
-pt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pt)
+pt = load_stage("scripts/paper_tables")
 DATASETS = ("act1k", "totalseg")
 
 
 @pytest.fixture(params=DATASETS)
 def dataset(request):
-    runs, prep = REPO / "runs" / "tiny" / request.param, REPO / "data" / "tiny" / request.param / "prep"
+    runs = REPO / "runs" / "tiny" / request.param
+    prep = REPO / "data" / "tiny" / request.param / "prep"
     if not (runs / "tables.md").is_file():
-        pytest.fail(f"{runs / 'tables.md'} is missing: run `make reproduce-tiny` (these tests check its outputs)")
+        pytest.fail(
+            f"{runs / 'tables.md'} is missing: run `make reproduce-tiny` (these tests check its outputs)"
+        )
     return request.param, runs, prep
 
 
@@ -33,10 +34,12 @@ def mask_digest(path):
 
 def test_every_table_row_from_the_set_the_paper_defines(dataset):
     name, runs, _ = dataset
-    metrics = pt.check(runs, table3_size=4)   # raises on a wrong recipe
+    metrics = pt.check(runs, table3_size=4)  # raises on a wrong recipe
     text = (runs / "tables.md").read_text()
     for t, (_, _, rows) in pt.TABLES.items():
-        assert set(metrics[t]["results"]) == {"real"} | {n for _, n, _ in rows if n}, f"Table {t}: other sets"
+        assert set(metrics[t]["results"]) == {"real"} | {n for _, n, _ in rows if n}, (
+            f"Table {t}: other sets"
+        )
         for label, _, _ in rows:
             assert f"| {label} |" in text
     for figure in ("eval_table1/mds.png", "ssl/dice.png", "ssl/table.md"):
@@ -46,9 +49,12 @@ def test_every_table_row_from_the_set_the_paper_defines(dataset):
 def test_set_compositions_and_masks(dataset):
     _, runs, prep = dataset
     n_train = len(json.loads((prep / "split.json").read_text())["train"])
-    for folder, original, augmented in [("samples_full", n_train - n_train // 2, n_train // 2),
-                                        ("samples_v0", n_train - n_train // 2, n_train // 2),
-                                        ("samples_v2_unseen", 0, n_train), ("samples_table3_w1.0", 0, 4)]:
+    for folder, original, augmented in [
+        ("samples_full", n_train - n_train // 2, n_train // 2),
+        ("samples_v0", n_train - n_train // 2, n_train // 2),
+        ("samples_v2_unseen", 0, n_train),
+        ("samples_table3_w1.0", 0, 4),
+    ]:
         index = json.loads((runs / folder / "samples.json").read_text())
         assert index["written"] == {"original": original, "augmented": augmented}, folder
         for sid, rec in index["samples"].items():
@@ -56,8 +62,13 @@ def test_set_compositions_and_masks(dataset):
             source = mask_digest(prep / "masks" / f"{rec['case']}.nii.gz")
             assert (mine == source) == (rec["mask"] == "original"), (folder, sid, rec)
     # Table 3: every w saw the same augmented masks, voxel for voxel
-    digests = [{p.name: mask_digest(p) for p in sorted((runs / f"samples_table3_w{w}").glob("sample_*_mask.nii.gz"))}
-               for w in ("0.5", "1.0", "1.5", "2.0")]
+    digests = [
+        {
+            p.name: mask_digest(p)
+            for p in sorted((runs / f"samples_table3_w{w}").glob("sample_*_mask.nii.gz"))
+        }
+        for w in ("0.5", "1.0", "1.5", "2.0")
+    ]
     assert len(digests[0]) == 4 and all(d == digests[0] for d in digests)
 
 
@@ -67,8 +78,11 @@ def test_localised_box_from_the_training_masks(dataset):
     box = ev.organ_box([xyz_to_dhw(read_nifti(prep / "masks" / f"{c}.nii.gz", None)[0]) for c in train])
     for t in (1, 2, 3):
         settings = json.loads((runs / f"eval_table{t}" / "metrics.json").read_text())["settings"]
-        assert settings["organ_box"] == box and settings["organ_box_from"] == f"{len(train)} masks of the training split"
-        assert settings["features"]["weights"] == "random"   # the rehearsal's offline path, announced
+        assert (
+            settings["organ_box"] == box
+            and settings["organ_box_from"] == f"{len(train)} masks of the training split"
+        )
+        assert settings["features"]["weights"] == "random"  # the rehearsal's offline path, announced
 
 
 def test_missing_tumours_are_reported(dataset):

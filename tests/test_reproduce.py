@@ -1,6 +1,5 @@
 """scripts/reproduce_paper.sh: it stops with a message naming what is missing, and every command it would run
 (DRY=1) is accepted by that stage's own argument parser, so a renamed flag breaks this test, not a GPU run."""
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -11,9 +10,7 @@ from conftest import REPO
 from common import load_stage
 
 SCRIPT = REPO / "scripts" / "reproduce_paper.sh"
-spec = importlib.util.spec_from_file_location("paper_tables", REPO / "scripts" / "paper_tables.py")
-pt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pt)
+pt = load_stage("scripts/paper_tables")
 
 
 def run(env, tmp_path):
@@ -63,7 +60,7 @@ def test_every_command_parses(tmp_path, extra):
         "01_preprocess": 4 if "TUMOUR_SUPPORT" in extra else 2, "02_masks": 2, "03_vqgan": 4, "04_diffusion": 10,
         "05_sample": 26, "06_eval": 6, "07_ssl_seg": 2, "scripts/paper_tables": 2}
     for stage, argvs in stages.items():
-        module = pt if stage == "scripts/paper_tables" else load_stage(stage)
+        module = load_stage(stage)
         for argv in argvs:
             module.get_args(argv)                     # argparse exits on an unknown flag or a bad value
     if "TUMOUR_SUPPORT" in extra:
