@@ -219,6 +219,8 @@ def _bad_folder(root, small_raw):
     bad["Case_10001"] = "cannot read NIfTI"
     save(np.stack([a, a], -1), aff, im / "Case_10002_0000.nii.gz")
     bad["Case_10002"] = "image is 4-D"
+    for c in ("Case_10001", "Case_10002"):  # labelled: an unlabelled image is skipped before it is read
+        shutil.copy(small_raw / "labels" / "Case_00003.nii.gz", lb / f"{c}.nii.gz")
     save(a, aff, im / "Case_10003_0000.nii.gz")
     save(l[:-2], aff, lb / "Case_10003.nii.gz")
     bad["Case_10003"] = "does not match the image's"

@@ -129,9 +129,13 @@ def test_locality_loss_equals_explicit_crops():
 
 
 def test_metrics_in_closed_form():
-    a, b = torch.full((1, 1, 12, 16, 16), 0.3), torch.full((1, 1, 12, 16, 16), 0.5)
+    # float64: the variance of a constant, E[a²] − E[a]², cancels to float32 rounding noise (≈ 2e-5 in SSIM),
+    # which depends on the CPU's convolution kernels
+    a = torch.full((1, 1, 12, 16, 16), 0.3, dtype=torch.float64)
+    b = torch.full((1, 1, 12, 16, 16), 0.5, dtype=torch.float64)
     c1 = 0.01**2
-    torch.testing.assert_close(vq.ssim_map(a, b).mean(), torch.tensor((2 * 0.3 * 0.5 + c1) / (0.09 + 0.25 + c1)))
+    expected = torch.tensor((2 * 0.3 * 0.5 + c1) / (0.09 + 0.25 + c1), dtype=torch.float64)
+    torch.testing.assert_close(vq.ssim_map(a, b).mean(), expected)
     x = torch.rand(1, 1, 12, 16, 16)
     torch.testing.assert_close(vq.ssim_map(x, x), torch.ones_like(x))
     assert abs(vq.psnr(x, x + 0.1) - 20.0) < 1e-4
