@@ -76,6 +76,8 @@ def get_args(argv=None):
     s.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     s.add_argument("--device", default="auto")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's U-Net (GPU, many samples)")
+    p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
+                   help="write previews.png (the first samples through their organ)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo samples that already exist and accept changed settings (default: skip them)")
     args = p.parse_args(argv)
@@ -252,7 +254,7 @@ def main(args):
         counts = {kind: sum(r["mask"] == kind for r in records.values()) for kind in ("original", "augmented")}
         save_json({"composition": {"original": n_original, "augmented": n_augmented}, "written": counts,
                    "n_train": len(names), "settings": settings, "samples": records}, args.out / "samples.json")
-        shown = [p[0] for p in plan[:4] if done(p[0])]
+        shown = [p[0] for p in plan[:4] if done(p[0])] if args.previews else []
         if shown:
             vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo) for s in shown]
             ms = [xyz_to_dhw(read_nifti(args.out / f"{s}_mask.nii.gz", None)[0]) for s in shown]
@@ -261,7 +263,8 @@ def main(args):
         dt = time.perf_counter() - t0
         print0(f"wrote {n_new} new volumes (+ masks) to {args.out}/ ({dt / max(n_new, 1):.2f} s/volume); "
                f"the set holds {counts['original']} on original and {counts['augmented']} on augmented masks "
-               f"({len(plan)} planned); index {args.out / 'samples.json'}; preview {args.out / 'previews.png'}")
+               f"({len(plan)} planned); index {args.out / 'samples.json'}"
+               + (f"; preview {args.out / 'previews.png'}" if shown else ""))
     teardown_distributed()
 
 

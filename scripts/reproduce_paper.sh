@@ -49,12 +49,12 @@ DATA=data; RUNS=runs
 PREP_TINY=(); VQ_SIZE=(--precision fp32); DM_SIZE=(); SAMPLE_SIZE=(); EVAL_SIZE=(); SSL_SIZE=()
 if [ "$TINY" = 1 ]; then
     DATA=data/tiny; RUNS=runs/tiny; N_TABLE3=4; PAIRS=10; VQ_STEPS=8; DISC_START=4; DM_STEPS=8; EMA_START=4
-    SSL_ITERS=4; SSL_RUNS=2; VQ_BATCH=2; DM_BATCH=2; NGPU=1
+    SSL_ITERS=4; SSL_RUNS=1; VQ_BATCH=2; DM_BATCH=2; NGPU=1
     PREP_TINY=(--size 32 --depth 16 --spacing 9 9 8 --hu -200 300 --workers 2 --no-previews)
     VQ_SIZE=(--n-hiddens 4 --num-groups 4 --n-codes 64 --disc-channels 8 --log-every 4 --save-every 8)
     DM_SIZE=(--dim 8 --dim-mults 1 2 --attn-heads 2 --attn-dim-head 8 --timesteps 20 --ema-every 1 --log-every 4
              --save-every 8 --n-preview 0 --workers 2)
-    SAMPLE_SIZE=(--batch-size 8)
+    SAMPLE_SIZE=(--batch-size 8 --no-previews)
     EVAL_SIZE=(--med3d-depth 10 --fidelity-steps 5 --fidelity-batch 4 --fidelity-width 4)
     SSL_SIZE=(--backbone resnet18 --sp-min-size 20 --pool-train 1 --pool-test 1 --shift 1 --elastic-alpha 1
               --elastic-sigma 1 --log-every 2 --save-every 4 --workers 2)
@@ -62,7 +62,13 @@ fi
 
 stop() { echo "reproduce_paper.sh: $*" >&2; exit 2; }
 need() { [ -e "$1" ] || stop "$2"; }
-run() { echo "+ $*"; [ "$DRY" = 1 ] || "$@"; }
+run() {  # print, run, say how long it took
+    echo "+ $*"
+    [ "$DRY" = 1 ] && return
+    local start=$SECONDS
+    "$@"
+    echo "  ($((SECONDS - start)) s: ${*:1:2})"
+}
 train() { if [ "$NGPU" -gt 1 ]; then run "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$@"; else run "$PY" "$@"; fi; }
 
 [ "$DRY" = 1 ] || [ -x "$PY" ] || stop "no $PY: run 'make test' (or 'make .venv/.installed') first, with the CUDA build of torch==2.13.0"

@@ -188,6 +188,7 @@ def two_phantom_volumes(small_prep):
     return x[:, :, :, 24:72, 24:72].contiguous()  # (2, 1, 16, 48, 48), the abdomen's centre
 
 
+@pytest.mark.slow  # 90 s on 2 cores; `make demo` checks the same at a larger scale in CI (held-out PSNR >= 20 dB)
 def test_tiny_model_overfits_two_phantoms(small_prep):
     torch.manual_seed(0)
     x = two_phantom_volumes(small_prep)
