@@ -25,7 +25,6 @@ Deterministic: case k of seed s is the same whatever --n is.
     python 00_phantoms.py                       # 20 cases into data/raw
     python 00_phantoms.py --out data/demo/raw --n 8
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -33,30 +32,38 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from common import save_json, save_preview, write_nifti, xyz_to_dhw
+from common import (ArgumentParser, at_least, check_order, file_fingerprint, in_range, prepare_out, run_stage,
+                    save_json, save_preview, write_nifti, xyz_to_dhw)
 
 LIVER, KIDNEY, SPLEEN, PANCREAS, TUMOUR = 1, 2, 3, 4, 5
 MANIFEST = "phantoms.json"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("data/raw"), help="output root (images/, labels/ below it)")
-    p.add_argument("--n", type=int, default=20, help="number of cases")
+    p = ArgumentParser(__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("data/raw"),
+                   help="output root (images/, labels/ below it)")
+    p.add_argument("--n", type=at_least(1), default=20, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (case k depends only on seed and k)")
-    p.add_argument("--spacing-xy", type=float, nargs=2, default=(1.6, 2.2), metavar=("MIN", "MAX"),
+    p.add_argument("--spacing-xy", type=at_least(0.1, float), nargs=2, default=(1.6, 2.2), metavar=("MIN", "MAX"),
                    help="in-plane voxel size range, mm (real CT is 0.6-0.9; phantoms are coarser to stay fast)")
-    p.add_argument("--spacing-z", type=float, nargs=2, default=(2.5, 5.0), metavar=("MIN", "MAX"), help="slice spacing range, mm")
-    p.add_argument("--z-extent", type=float, nargs=2, default=(70.0, 200.0), metavar=("MIN", "MAX"),
+    p.add_argument("--spacing-z", type=at_least(0.1, float), nargs=2, default=(2.5, 5.0), metavar=("MIN", "MAX"), help="slice spacing range, mm")
+    p.add_argument("--z-extent", type=at_least(1.0, float), nargs=2, default=(70.0, 200.0), metavar=("MIN", "MAX"),
                    help="scanned length range, mm (short ones exercise padding to 32 slices)")
-    p.add_argument("--tumour-fraction", type=float, default=0.35, help="fraction of cases with a pancreatic tumour (label 5)")
-    p.add_argument("--previews", type=int, default=2, help="write a preview PNG for the first N cases")
+    p.add_argument("--tumour-fraction", type=in_range(0, 1), default=0.35,
+                   help="fraction of cases with a pancreatic tumour (label 5)")
+    p.add_argument("--previews", type=at_least(0), default=2,
+                   help="write a preview PNG for the first N cases")
     p.add_argument("--layout", choices=["abdomenct1k", "totalseg"], default="abdomenct1k",
                    help="abdomenct1k: images/ + labels/ as above; totalseg: TotalSegmentator's folders, "
                         "sNNNN/ct.nii.gz + sNNNN/segmentations/<organ>.nii.gz (no tumour file: TotalSegmentator "
                         "labels none, so a tumour is part of the pancreas)")
-    p.add_argument("--overwrite", action="store_true", help="allow replacing files that this script did not write")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing files that this script did not write")
+    args = p.parse_args(argv)
+    for flag in ("--spacing-xy", "--spacing-z", "--z-extent"):
+        check_order(p, args, flag, strict=False)
+    return args
 
 
 # --------------------------------------------------------------------------- helpers
@@ -297,48 +304,61 @@ def totalseg_masks(lab):
 
 
 # --------------------------------------------------------------------------- main
+def foreign_file(out, manifest):
+    """The first file under `out` that 00 did not write, or that changed since it wrote it (its sha1
+    is not the one phantoms.json records): a user's data, never to be replaced or mixed with phantoms."""
+    ours = manifest.get("files", {})
+    for f in sorted(out.rglob("*")):
+        if f.is_file() and not f.name.startswith(".") and f.name != MANIFEST:
+            if ours.get(f.relative_to(out).as_posix()) != file_fingerprint(f):
+                return f
+    return None
+
+
 def main(args):
     out = args.out
     manifest_path = out / MANIFEST
-    manifest = {"cases": []}
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-    ours = set(manifest["cases"])
-    if manifest.get("layout", "abdomenct1k") != args.layout and ours and not args.overwrite:
-        raise SystemExit(f"error: {out} holds phantoms in the {manifest.get('layout', 'abdomenct1k')} layout; "
-                         f"choose another --out for --layout {args.layout}")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    foreign = foreign_file(out, manifest) if out.is_dir() else None
+    if foreign and not args.overwrite:  # a folder of our own phantoms, unchanged, may be rewritten; nothing else
+        raise SystemExit(f"error: --out {out} holds files that 00_phantoms.py did not write or that changed since "
+                         f"(e.g. {foreign}); phantoms go into an empty or new folder (--overwrite replaces and mixes)")
+    prepare_out(out)
+    if manifest.get("layout", args.layout) != args.layout:
+        manifest = {}  # --overwrite to another layout: start the record again
+    files = manifest.get("files", {})
     pattern = "Case_{:05d}" if args.layout == "abdomenct1k" else "s{:04d}"
     names = [pattern.format(k) for k in range(1, args.n + 1)]
-    for name in names:  # never overwrite data that is not ours (AbdomenCT-1K uses the same names)
-        for f in case_files(out, name, args.layout):
-            if f.exists() and name not in ours and not args.overwrite:
-                raise SystemExit(f"error: {f} exists and was not written by 00_phantoms.py; refusing to "
-                                 f"overwrite it. Choose another --out (or pass --overwrite).")
+    ours = set(manifest.get("cases", []))
 
     t0, stats = time.perf_counter(), []
     for k, name in enumerate(names, start=1):
         tc = time.perf_counter()
         hu, lab, affine = make_case(args.seed, k, args)
         img_disk, aff_disk = to_lps_storage(hu, affine)
-        files = case_files(out, name, args.layout)
-        write_nifti(files[0], img_disk, aff_disk, np.int16)
+        paths = case_files(out, name, args.layout)
+        write_nifti(paths[0], img_disk, aff_disk, np.int16)
         if args.layout == "abdomenct1k":
-            write_nifti(files[1], to_lps_storage(lab, affine)[0], aff_disk, np.uint8)
+            write_nifti(paths[1], to_lps_storage(lab, affine)[0], aff_disk, np.uint8)
         else:
             for organ, binary in totalseg_masks(lab).items():
                 write_nifti(out / name / "segmentations" / f"{organ}.nii.gz", to_lps_storage(binary, affine)[0],
                             aff_disk, np.uint8)
+        written = case_files(out, name, args.layout)
         if k <= args.previews:
             sp = np.abs(np.diag(affine)[:3])
-            save_preview(out / "previews" / f"{name}.png", xyz_to_dhw(hu), xyz_to_dhw(lab), name,
+            written.append(out / "previews" / f"{name}.png")
+            save_preview(written[-1], xyz_to_dhw(hu), xyz_to_dhw(lab), name,
                          spacing=(sp[2], sp[1], sp[0]), vrange=(-250, 350))
         ours.add(name)
+        for f in written:  # what we wrote, so that a later run knows it is ours
+            files[f.relative_to(out).as_posix()] = file_fingerprint(f)
+        save_json({"seed": args.seed, "layout": args.layout, "cases": sorted(ours), "files": files,
+                   "written_by": "00_phantoms.py"}, manifest_path)
         present = [int(v) for v in np.unique(lab) if v]
         stats.append((name, hu.shape, np.abs(np.diag(affine)[:3]), present, time.perf_counter() - tc))
         print(f"{name}: shape {hu.shape}, spacing {np.round(stats[-1][2], 2).tolist()} mm, "
               f"labels {present}, {stats[-1][4]:.2f} s", flush=True)
-    save_json({"seed": args.seed, "layout": args.layout, "cases": sorted(ours), "written_by": "00_phantoms.py"},
-              manifest_path)
 
     dt = time.perf_counter() - t0
     n_tumour = sum(TUMOUR in s[3] for s in stats)
@@ -349,4 +369,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

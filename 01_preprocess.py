@@ -30,14 +30,16 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import (case_id, guard_settings, read_nifti, save_json, save_preview, soft_tissue, spacing_of, write_nifti,
-                    xyz_to_dhw)
+from common import (DISK_ERRNOS, ArgumentParser, at_least, case_id, check_order, guard_settings, in_range,
+                    inputs_fingerprint, prepare_out, read_nifti, run_stage, save_json, save_preview,
+                    soft_tissue, spacing_of, write_nifti, xyz_to_dhw)
 
 PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (REFERENCE.md §1)
     "abdomenct1k": {"spacing": (1.6, 1.6, 2.3), "label_map": None},
@@ -57,7 +59,7 @@ class CaseError(Exception):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n")[0])
     src = p.add_argument_group("input")
     src.add_argument("--images", type=Path, default=Path("data/raw/images"),
                      help="folder of CT NIfTI files (Case_00001_0000.nii.gz, pancreas_001.nii.gz, ...)")
@@ -74,16 +76,20 @@ def get_args(argv=None):
                      help="source:target label ids, e.g. '5:1,2:2,3:2,1:3,7:4' (TotalSegmentator v2 -> "
                           "AbdomenCT-1K); unlisted labels become 0. Default: the preset's (none = keep ids)")
     geo = p.add_argument_group("geometry (paper §4.1.2)")
-    geo.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+    geo.add_argument("--spacing", type=at_least(0.01, float), nargs=3, default=None, metavar=("X", "Y", "Z"),
                      help="target voxel size, mm (default: preset; 1.6 1.6 2.3 AbdomenCT-1K, 1.1 1.1 1.5 TotalSegmentator)")
-    geo.add_argument("--size", type=int, default=256, help="output height and width, voxels (paper: 256)")
-    geo.add_argument("--depth", type=int, default=32, help="output slices per volume (paper: 32)")
-    geo.add_argument("--interp", choices=["linear", "cubic"], default="linear", help="image interpolation (labels: nearest)")
+    geo.add_argument("--size", type=at_least(8), default=256,
+                     help="output height and width, voxels (paper: 256)")
+    geo.add_argument("--depth", type=at_least(1), default=32, help="output slices per volume (paper: 32)")
+    geo.add_argument("--interp", choices=["linear", "cubic"], default="linear",
+                     help="image interpolation (labels: nearest)")
     win = p.add_argument_group("slice window")
-    win.add_argument("--organ", type=int, default=4, help="target label whose voxels choose the window (4 = pancreas)")
+    win.add_argument("--organ", type=at_least(1), default=4,
+                     help="target label whose voxels choose the window (4 = pancreas)")
     win.add_argument("--windows", choices=["best", "all"], default="best",
                      help="best: the window with the most organ voxels (release); all: every window containing the organ")
-    win.add_argument("--window-stride", type=int, default=1, help="with --windows all: step between window starts, slices")
+    win.add_argument("--window-stride", type=at_least(1), default=1,
+                     help="with --windows all: step between window starts, slices")
     win.add_argument("--require-organs", default="",
                      help="comma list (liver,kidney,spleen,pancreas or ids): drop cases missing one, or with one cut "
                           "by the first/last slice (the paper's TotalSegmentator filter). Off by default")
@@ -93,13 +99,25 @@ def get_args(argv=None):
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("data/prep"), help="output folder")
     split = out.add_mutually_exclusive_group()
-    split.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases held out for testing (paper: 80/20)")
-    split.add_argument("--n-test", type=int, default=None, help="number of test cases (AbdomenCT-1K in the paper: 200)")
+    split.add_argument("--test-fraction", type=in_range(0, 0.99), default=0.2,
+                       help="fraction of cases held out for testing (paper: 80/20)")
+    split.add_argument("--n-test", type=at_least(0), default=None,
+                       help="number of test cases (AbdomenCT-1K in the paper: 200)")
     out.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    out.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True, help="write a preview PNG per output")
-    out.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes over cases")
-    out.add_argument("--overwrite", action="store_true", help="redo cases already done (and accept changed settings)")
+    out.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
+                     help="write a preview PNG per output")
+    out.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1),
+                     help="parallel processes over cases")
+    out.add_argument("--overwrite", action="store_true",
+                     help="redo cases already done (and accept changed settings)")
+    out.add_argument("--max-gb", type=at_least(0.001, float), default=2.0,
+                     help="largest input volume, GiB of voxel data as its header states (checked before reading, "
+                          "so a damaged or crafted file cannot fill the memory)")
     args = p.parse_args(argv)
+    check_order(p, args, "--hu")
+    unknown = [t for t in args.require_organs.split(",") if t.strip() and not t.strip().isdigit() and t.strip() not in ORGANS]
+    if unknown:
+        p.error(f"argument --require-organs: unknown organ {unknown[0]!r} (use {', '.join(ORGANS)} or label ids)")
     preset = PRESETS[args.dataset or ("totalseg" if args.totalseg else "abdomenct1k")]
     args.spacing = tuple(args.spacing or preset["spacing"])
     args.label_map = parse_label_map(args.label_map if args.label_map is not None else preset["label_map"])
@@ -165,8 +183,8 @@ def squeeze_to_3d(a):
     return a
 
 
-def load_image(path):
-    img, aff = read_nifti(path, np.float32)
+def load_image(path, max_gb=2.0):
+    img, aff = read_nifti(path, np.float32, max_gb)
     img = squeeze_to_3d(img)
     if img.ndim != 3:
         raise CaseError(f"{path}: image is {img.ndim}-D with shape {tuple(img.shape)}; expected one 3-D CT volume")
@@ -178,8 +196,8 @@ def load_image(path):
     return img, aff
 
 
-def load_label_file(path, shape, affine):
-    lab, aff = read_nifti(path, None)
+def load_label_file(path, shape, affine, max_gb=2.0):
+    lab, aff = read_nifti(path, None, max_gb)
     lab = squeeze_to_3d(lab)
     if lab.shape != shape:
         raise CaseError(f"{path}: label shape {tuple(lab.shape)} does not match the image's {tuple(shape)}")
@@ -313,11 +331,15 @@ def process_case(spec, cfg):
     for bad input: the record then says 'skipped' and why)."""
     t0 = time.perf_counter()
     rec = {"case": spec["case"], "image": str(spec["image"]), "label": str(spec["label"]) if spec["label"] else None,
-           "status": "ok", "warnings": []}
+           "status": "ok", "warnings": [], "settings": cfg["settings"], "inputs": case_inputs(spec)}
     try:
         rec.update(_process(spec, cfg, rec["warnings"]))
     except CaseError as e:
         rec.update(status="skipped", reason=str(e))
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:  # a full disk or a read-only --out stops the run (inputs are read as ValueError)
+            raise
+        rec.update(status="skipped", reason=f"unexpected {type(e).__name__}: {e}")
     except Exception as e:  # anything unexpected still only costs this case; the trace goes in the record
         rec.update(status="skipped", reason=f"unexpected {type(e).__name__}: {e}",
                    traceback=traceback.format_exc(limit=4))
@@ -330,14 +352,18 @@ def _process(spec, cfg, warnings):
     if spec["label_kind"] == "missing":  # the paper uses the annotated cases only (§4.1.1)
         raise CaseError(f"{spec['image']}: no label map for case {spec['case']!r} in {spec['label']} "
                         f"(with labels given, only annotated cases are used, as in the paper)")
-    img, aff = load_image(spec["image"])
+    img, aff = load_image(spec["image"], cfg["max_gb"])
     info = {"source_shape": list(img.shape), "source_spacing": spacing_of(aff).round(4).tolist()}
-    if img.max() <= 2.0 and img.min() >= -1.0:
+    lo_hu, hi_hu = float(img.min()), float(img.max())
+    if hi_hu <= 2.0 and lo_hu >= -1.0:
         warnings.append("intensities lie in [-1, 2]: this does not look like CT in Hounsfield units")
+    elif lo_hu >= -200:  # an abdominal CT always holds air (-1000 HU), in the bowel or around the body
+        warnings.append(f"intensities span [{lo_hu:g}, {hi_hu:g}], no air at all: impossible for CT in HU. Stored as "
+                        f"HU + 1024 without a scaling slope? Fix the header (scl_slope 1, scl_inter -1024)")
     label_map = cfg["label_map"] and {int(k): v for k, v in cfg["label_map"].items()}
     lab = None
     if spec["label_kind"] == "file":
-        raw = load_label_file(spec["label"], img.shape, aff)
+        raw = load_label_file(spec["label"], img.shape, aff, cfg["max_gb"])
         if not raw.any():
             raise CaseError(f"{spec['label']}: label map is empty (all zeros)")
         lab = map_labels(raw, label_map)
@@ -418,46 +444,89 @@ CONFIG_KEYS = ("spacing", "size", "depth", "interp", "organ", "windows", "window
                "hu", "label_map")
 
 
+def case_inputs(spec):
+    """The files a case reads: the image, and its label file (or TotalSegmentator's mask files)."""
+    files = [spec["image"]]
+    if spec["label_kind"] == "file":
+        files.append(spec["label"])
+    elif spec["label_kind"] == "totalseg_dir":
+        files += sorted(Path(spec["label"]).glob("*.nii.gz"))
+    return inputs_fingerprint(files)
+
+
+def is_done(rec, spec, cfg, out):
+    """A case is finished when its record is ok, was made with these settings from these very
+    input files (same size and mtime), and all its outputs are there."""
+    return (rec is not None and rec["status"] == "ok" and rec.get("settings") == cfg
+            and rec.get("inputs") == case_inputs(spec)
+            and all((out / "images" / f"{o}.nii.gz").exists() for o in rec["outputs"]))
+
+
+def run_cases(todo, job, workers, done):
+    """process_case for each spec, in `workers` processes; done(record) as each finishes.
+
+    A worker that dies (killed for lack of memory, say) breaks the whole pool; the cases not
+    finished then run again one per fresh process, so a death costs only the case that caused it."""
+    if workers == 1 or len(todo) == 1:
+        for spec in todo:
+            done(process_case(spec, job))
+        return
+    pending = list(todo)
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+        futures = {pool.submit(process_case, spec, job): spec for spec in todo}
+        for fut in as_completed(futures):
+            try:
+                done(fut.result())
+                pending.remove(futures[fut])
+            except BrokenProcessPool:
+                pass
+    for spec in pending:
+        try:
+            with ProcessPoolExecutor(max_workers=1) as pool:  # alone, so a death is this case's
+                rec = pool.submit(process_case, spec, job).result()
+        except BrokenProcessPool:
+            rec = {"case": spec["case"], "image": str(spec["image"]), "status": "skipped", "warnings": [],
+                   "reason": f"{spec['image']}: the worker process died while preprocessing it (out of memory?)"}
+            save_json(rec, Path(job["out"]) / "cases" / f"{spec['case']}.json")
+        done(rec)
+
+
 def main(args):
     t0 = time.perf_counter()
     out = args.out
-    inputs = {args.totalseg, args.images, args.labels} - {None}
-    if any(out.resolve() == p.resolve() or p.resolve() in out.resolve().parents for p in inputs if p.exists()):
-        raise SystemExit(f"error: --out {out} lies inside an input folder; choose another")
+    inputs = [args.totalseg] if args.totalseg else [args.images, args.labels]
+    prepare_out(out, inputs)
     cases = find_cases(args)
     if not cases:
         raise SystemExit(f"error: no NIfTI cases found in {args.totalseg or args.images}")
+    settings = {k: getattr(args, k) for k in CONFIG_KEYS}
+    settings["inputs"] = [str(Path(p).resolve()) for p in inputs if p is not None]  # another dataset, another --out
     # tuples -> lists, int keys -> str in cfg: the form it has on disk
-    cfg = guard_settings(out / "config.json", {k: getattr(args, k) for k in CONFIG_KEYS}, args.overwrite)
+    cfg = guard_settings(out / "config.json", settings, args.overwrite)
 
     records, todo = {}, []
-    for spec in cases:  # resume: keep finished cases whose outputs are all there
+    for spec in cases:  # resume: keep finished cases made with these settings from these inputs
         rec_path = out / "cases" / f"{spec['case']}.json"
         rec = json.loads(rec_path.read_text()) if rec_path.exists() and not args.overwrite else None
-        if rec and rec["status"] == "ok" and all((out / "images" / f"{o}.nii.gz").exists() for o in rec["outputs"]):
+        if is_done(rec, spec, cfg, out):
             records[spec["case"]] = rec
         else:
             todo.append(spec)
     if records:
         print(f"resuming: {len(records)} cases already done in {out} (--overwrite redoes them)")
 
-    job = {**cfg, "out": str(out), "previews": args.previews}
+    job = {**cfg, "out": str(out), "previews": args.previews, "max_gb": args.max_gb, "settings": cfg}
     job["spacing"], job["hu"] = tuple(args.spacing), tuple(args.hu)
     bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not todo)
-    report = lambda rec: bar.write(f"skipped {rec['case']}: {rec['reason']}") if rec["status"] != "ok" else None
-    if args.workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=min(args.workers, len(todo))) as pool:
-            for fut in as_completed([pool.submit(process_case, spec, job) for spec in todo]):
-                rec = fut.result()
-                records[rec["case"]] = rec
-                report(rec)
-                bar.update()
-    else:
-        for spec in todo:
-            rec = process_case(spec, job)
-            records[rec["case"]] = rec
-            report(rec)
-            bar.update()
+
+    def done(rec):
+        records[rec["case"]] = rec
+        if rec["status"] != "ok":
+            bar.write(f"skipped {rec['case']}: {rec['reason']}")
+        elif any(w.startswith("intensities") for w in rec["warnings"]):
+            bar.write(f"warning {rec['case']}: {rec['warnings'][0]}")
+        bar.update()
+    run_cases(todo, job, args.workers, done)
     bar.close()
 
     ok = {c: r["outputs"] for c, r in records.items() if r["status"] == "ok"}
@@ -483,4 +552,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

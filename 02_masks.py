@@ -47,8 +47,9 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from common import (choose_precision, guard_settings, load_checkpoint, pick_device, read_nifti, save_json,
-                    save_preview, seed_everything, soft_tissue, write_nifti, xyz_to_dhw)
+from common import (ArgumentParser, at_least, choose_precision, file_fingerprint, guard_settings,
+                    inputs_fingerprint, load_checkpoint, pick_device, prepare_out, read_nifti, read_split,
+                    run_stage, save_json, save_preview, seed_everything, soft_tissue, write_nifti, xyz_to_dhw)
 
 UNIVERSEG_URL = "https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt"
 POSITIVE_FRACTION = 0.75  # share of support slices that contain the label ("mostly")
@@ -58,14 +59,17 @@ NO_TUMOUR = ("no mask holds a tumour (label 2): the release's masks do, and a th
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n")[0])
     p.add_argument("--prep", type=Path, default=Path("data/prep"), help="01_preprocess.py output folder")
     p.add_argument("--method", choices=["labels", "universeg"], default="labels",
                    help="labels: from the label maps; universeg: predicted, as in the paper (§3.1)")
-    p.add_argument("--organ", default="4", help="label id(s) that become mask 1, comma-separated (4 = pancreas)")
-    p.add_argument("--tumour", default="5", help="label id(s) that become mask 2, comma-separated ('' = none)")
+    p.add_argument("--organ", default="4",
+                   help="label id(s) that become mask 1, comma-separated (4 = pancreas)")
+    p.add_argument("--tumour", default="5",
+                   help="label id(s) that become mask 2, comma-separated ('' = none)")
     u = p.add_argument_group("universeg")
-    u.add_argument("--weights", default=None, help="UniverSeg state_dict file, or 'auto' to download the official weights")
+    u.add_argument("--weights", default=None,
+                   help="UniverSeg state_dict file, or 'auto' to download the official weights")
     u.add_argument("--support-split", choices=["test", "train", "all"], default="test",
                    help="labelled cases the support slices come from (paper: the held-out labelled cases)")
     u.add_argument("--tumour-support", type=Path, default=None,
@@ -73,20 +77,29 @@ def get_args(argv=None):
                         "Task07 Pancreas, labels mapped 1:4,2:5): the tumour task's support slices come from all of "
                         "its cases. AbdomenCT-1K and TotalSegmentator label no tumour, so without it no tumour is "
                         "predicted there")
-    u.add_argument("--support-size", type=int, default=64, help="support slices per prediction (UniverSeg v1 used 64)")
-    u.add_argument("--ensemble", type=int, default=1, help="average the probabilities over K random support sets")
-    u.add_argument("--batch", type=int, default=4, help="target slices per forward pass (memory grows with batch × support)")
-    u.add_argument("--resolution", type=int, default=128,
+    u.add_argument("--support-size", type=at_least(1), default=64,
+                   help="support slices per prediction (UniverSeg v1 used 64)")
+    u.add_argument("--ensemble", type=at_least(1), default=1,
+                   help="average the probabilities over K random support sets")
+    u.add_argument("--batch", type=at_least(1), default=4,
+                   help="target slices per forward pass (memory grows with batch × support)")
+    u.add_argument("--resolution", type=at_least(8), default=128,
                    help="slice size the model sees (UniverSeg v1 was trained at 128; smaller only for quick tests)")
     u.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--largest-component", action="store_true",
                    help="post-processing: keep only the largest 3-D connected component of the mask (organ + tumour)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support sampling")
-    p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True, help="write a preview PNG per case")
+    p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a preview PNG per case")
     p.add_argument("--overwrite", action="store_true", help="redo cases that already have a mask")
     args = p.parse_args(argv)
-    ids = lambda text: [int(t) for t in text.split(",") if t.strip()]
-    args.organ, args.tumour = ids(args.organ), ids(args.tumour)
+    for flag in ("organ", "tumour"):
+        try:
+            setattr(args, flag, [int(t) for t in getattr(args, flag).split(",") if t.strip()])
+        except ValueError:
+            p.error(f"argument --{flag}: expected label ids like 4 or 4,5, got {getattr(args, flag)!r}")
+    if not args.organ:
+        p.error("argument --organ: at least one label id")
     if args.method == "universeg" and not args.weights:
         p.error("--method universeg needs --weights PATH or --weights auto")
     if args.tumour_support is not None:
@@ -310,15 +323,13 @@ def dice(pred, truth):
 def main(args):
     t_start = time.perf_counter()
     prep, out = args.prep, args.prep / "masks"
-    split_path = prep / "split.json"
-    if not split_path.exists():
-        raise SystemExit(f"error: {split_path} not found: run 01_preprocess.py first (or pass --prep)")
-    split = json.loads(split_path.read_text())
+    split = read_split(prep)
     names = split["train"] + split["test"]
     settings = {k: getattr(args, k) for k in ("method", "organ", "tumour", "weights", "support_split", "support_size",
                                               "ensemble", "resolution", "largest_component", "seed",
                                               "tumour_support")}
-    guard_settings(out / "config.json", settings, args.overwrite)
+    settings["prep"] = file_fingerprint(prep / "config.json") if (prep / "config.json").is_file() else None  # 01's
+    prepare_out(out)
     seed_everything(args.seed)
 
     def load(name):
@@ -335,10 +346,7 @@ def main(args):
         support_names = {"test": split["test"], "train": split["train"], "all": names}[args.support_split]
         pools = support_pools(prep, support_names, args.support_split, tasks, args.resolution, load)
         if args.tumour_support is not None:  # tumour examples from another labelled set (§3.1 needs label 2)
-            if not (args.tumour_support / "split.json").is_file():
-                raise SystemExit(f"error: --tumour-support {args.tumour_support}: no split.json "
-                                 f"(not a 01_preprocess.py output folder)")
-            other = json.loads((args.tumour_support / "split.json").read_text())
+            other = read_split(args.tumour_support)
             pools |= support_pools(args.tumour_support, other["train"] + other["test"], "all",
                                    {"tumour": args.tumour}, args.resolution)
         for task, pool in pools.items():
@@ -348,19 +356,27 @@ def main(args):
             if not pool.positive[task].any():
                 print(f"warning: no support slice contains the {task} label {tasks[task]}: no {task} will be predicted")
         print(f"UniverSeg on {device} ({precision.name}): {args.support_size} slices × {args.ensemble} set(s) per task")
+    guard_settings(out / "config.json", settings, args.overwrite)  # only once everything needed is at hand
 
     records, done, t_work = [], 0, 0.0
     rng = np.random.default_rng(args.seed)
     for name in tqdm(names, desc=f"masks ({args.method})", unit="case"):
-        path = out / f"{name}.nii.gz"
-        if path.exists() and not args.overwrite:
-            old = out / "cases" / f"{name}.json"
-            if old.exists():
-                records.append(json.loads(old.read_text()))
+        path, old = out / f"{name}.nii.gz", out / "cases" / f"{name}.json"
+        source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"])  # a mask is redone when its image changes
+        if path.exists() and old.exists() and not args.overwrite:
+            rec = json.loads(old.read_text())
+            if rec.get("source") == source:
+                records.append(rec)
                 continue
         t0 = time.perf_counter()
-        img, aff, lab = load(name)
-        rec = {"case": name, "split": "test" if name in split["test"] else "train", "warnings": []}
+        rec = {"case": name, "split": "test" if name in split["test"] else "train", "warnings": [], "source": source}
+        try:
+            img, aff, lab = load(name)
+        except ValueError as e:  # an unreadable volume costs its case
+            rec.update(status="skipped", reason=str(e))
+            tqdm.write(f"skipped {name}: {e}")
+            records.append(rec)
+            continue
         if args.method == "labels":
             if lab is None:
                 rec.update(status="skipped", reason=f"{prep / 'labels' / (name + '.nii.gz')}: no label map "
@@ -430,4 +446,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

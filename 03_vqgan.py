@@ -29,8 +29,7 @@ Volumes are [0, 1] on disk (01) and [-1, 1] inside the networks, as in the relea
     python 03_vqgan.py --lambda-loc 0 --out runs/vqgan_l0 # Medical Diffusion baseline (Table 2, V3 vs Full)
     make demo                                             # CPU demo: small settings, see the Makefile
 """
-import argparse
-import json
+import errno
 import math
 import time
 import urllib.error
@@ -43,59 +42,72 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (csv_logger, load_checkpoint, peak_memory_gb, print0, read_nifti, save_checkpoint, save_json,
-                    save_preview, soft_tissue, start_run, teardown_distributed, xyz_to_dhw)
+from common import (ArgumentParser, args_record, at_least, check_resume, checkpoint_parts, csv_logger,
+                    file_fingerprint, load_checkpoint, peak_memory_gb, positive, prepare_out, print0,
+                    read_nifti, read_split, run_stage, save_checkpoint, save_json, save_preview, soft_tissue,
+                    start_run, teardown_distributed, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prep", type=Path, default=Path("data/prep"), help="01/02 output folder (images/, masks/, split.json)")
-    p.add_argument("--out", type=Path, default=Path("runs/vqgan"), help="run folder (ckpt.pt, log.csv, previews/, metrics.json)")
+    p = ArgumentParser(__doc__.split("\n")[0])
+    p.add_argument("--prep", type=Path, default=Path("data/prep"),
+                   help="01/02 output folder (images/, masks/, split.json)")
+    p.add_argument("--out", type=Path, default=Path("runs/vqgan"),
+                   help="run folder (ckpt.pt, log.csv, previews/, metrics.json)")
     m = p.add_argument_group("model (REFERENCE.md §2, Lad config)")
-    m.add_argument("--n-hiddens", type=int, default=16, help="channels after the first conv")
-    m.add_argument("--downsample", type=int, nargs=3, default=(4, 4, 4), help="compression per axis (D, H, W), paper §4.1.3")
-    m.add_argument("--embedding-dim", type=int, default=8, help="latent channels")
-    m.add_argument("--n-codes", type=int, default=16384, help="codebook size")
-    m.add_argument("--num-groups", type=int, default=32, help="GroupNorm groups")
-    m.add_argument("--disc-channels", type=int, default=64, help="PatchGAN base width (ndf)")
-    m.add_argument("--disc-layers", type=int, default=3, help="PatchGAN layers")
+    m.add_argument("--n-hiddens", type=at_least(1), default=16, help="channels after the first conv")
+    m.add_argument("--downsample", type=at_least(1), nargs=3, default=(4, 4, 4),
+                   help="compression per axis (D, H, W), paper §4.1.3")
+    m.add_argument("--embedding-dim", type=at_least(1), default=8, help="latent channels")
+    m.add_argument("--n-codes", type=at_least(2), default=16384, help="codebook size")
+    m.add_argument("--num-groups", type=at_least(1), default=32, help="GroupNorm groups")
+    m.add_argument("--disc-channels", type=at_least(1), default=64, help="PatchGAN base width (ndf)")
+    m.add_argument("--disc-layers", type=at_least(1), default=3, help="PatchGAN layers")
     w = p.add_argument_group("losses (REFERENCE.md §2; Eq. 1-3)")
-    w.add_argument("--l1-weight", type=float, default=4.0, help="reconstruction L1")
-    w.add_argument("--perceptual-weight", type=float, default=4.0, help="LPIPS on a random slice (0 = off, no weights needed)")
+    w.add_argument("--l1-weight", type=at_least(0.0, float), default=4.0, help="reconstruction L1")
+    w.add_argument("--perceptual-weight", type=at_least(0.0, float), default=4.0,
+                   help="LPIPS on a random slice (0 = off, no weights needed)")
     w.add_argument("--perceptual-weights", default=None,
                    help="folder with vgg16-397923af.pth and vgg.pth (LPIPS v0.1), or 'auto' to download")
-    w.add_argument("--image-gan-weight", type=float, default=0.25, help="2-D slice discriminator")
-    w.add_argument("--volume-gan-weight", type=float, default=0.25, help="3-D discriminator")
-    w.add_argument("--gan-feat-weight", type=float, default=4.0, help="discriminator feature matching")
-    w.add_argument("--disc-start", type=int, default=25_000,
+    w.add_argument("--image-gan-weight", type=at_least(0.0, float), default=0.25,
+                   help="2-D slice discriminator")
+    w.add_argument("--volume-gan-weight", type=at_least(0.0, float), default=0.25, help="3-D discriminator")
+    w.add_argument("--gan-feat-weight", type=at_least(0.0, float), default=4.0,
+                   help="discriminator feature matching")
+    w.add_argument("--disc-start", type=at_least(0), default=25_000,
                    help="iteration at which the discriminators start (the release's 50k Lightning steps, see --steps)")
-    w.add_argument("--lambda-loc", type=float, default=1.0, help="locality loss λ (Eq. 3); 0 = Medical Diffusion")
+    w.add_argument("--lambda-loc", type=at_least(0.0, float), default=1.0,
+                   help="locality loss λ (Eq. 3); 0 = Medical Diffusion")
     t = p.add_argument_group("training (paper §4.1.3)")
-    t.add_argument("--steps", type=int, default=50_000,
+    t.add_argument("--steps", type=at_least(1), default=50_000,
                    help="training iterations (one batch: a generator and a discriminator update). The paper's "
                         "'100k steps' are Lightning 1.6 steps, which count each of the two optimisers: the release's "
                         "checkpoint epoch=124-step=100000 (800 volumes, batch 2, one GPU) is 50k batches")
-    t.add_argument("--batch-size", type=int, default=2,
+    t.add_argument("--batch-size", type=at_least(1), default=2,
                    help="volumes per iteration per GPU; under torchrun the effective batch is this × GPUs "
                         "(the paper's 2 on one GPU; on two GPUs pass 1)")
-    t.add_argument("--grad-clip", type=float, default=1.0,
+    t.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0,
                    help="clip each optimiser's gradient norm to this (the release and Medical Diffusion: "
                         "gradient_clip_val 1.0); 0 = off")
-    t.add_argument("--lr", type=float, default=3e-4,
+    t.add_argument("--lr", type=positive, default=3e-4,
                    help="Adam lr for both optimisers: the paper's 3e-4 (the release's lr scaling made it ≈1.9e-5)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on CPU. "
                         "The release trained the VQ-GAN in fp32 (scripts/reproduce_paper.sh passes fp32)")
     t.add_argument("--device", default="auto")
-    t.add_argument("--log-every", type=int, default=50, help="steps per log line / CSV row")
-    t.add_argument("--save-every", type=int, default=1000, help="steps per checkpoint + preview")
-    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out and start again")
-    t.add_argument("--compile", action="store_true", help="torch.compile the autoencoder and discriminators (GPU)")
+    t.add_argument("--log-every", type=at_least(1), default=50, help="steps per log line / CSV row")
+    t.add_argument("--save-every", type=at_least(1), default=1000, help="steps per checkpoint + preview")
+    t.add_argument("--fresh", action="store_true",
+                   help="ignore an existing checkpoint in --out and start again")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the autoencoder and discriminators (GPU)")
     args = p.parse_args(argv)
+    if any(f & (f - 1) for f in args.downsample):  # the encoder halves an axis per stride-2 conv
+        p.error(f"argument --downsample: each factor must be a power of 2, got {' '.join(map(str, args.downsample))}")
     if args.perceptual_weight > 0 and args.perceptual_weights is None:
         p.error("the perceptual loss needs pretrained VGG16/LPIPS weights: --perceptual-weights DIR (with "
                 "vgg16-397923af.pth and vgg.pth) or --perceptual-weights auto (download); or --perceptual-weight 0")
@@ -311,7 +323,7 @@ class VQGAN(nn.Module):
 
 def load_vqgan(path, device="cpu"):
     """Rebuild the trained autoencoder from a 03 checkpoint alone (eval mode, frozen)."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path, ("model_kwargs", "model"), "03_vqgan.py")
     model = VQGAN(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().requires_grad_(False)
@@ -399,7 +411,11 @@ def load_lpips(source):
             get = lambda url: torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
             vgg, lin = get(VGG16_URL), get(LPIPS_URL)
         else:
-            vgg, lin = load_checkpoint(Path(source) / "vgg16-397923af.pth"), load_checkpoint(Path(source) / "vgg.pth")
+            files = [Path(source) / name for name in ("vgg16-397923af.pth", "vgg.pth")]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(errno.ENOENT, "no such file", str(f))
+            vgg, lin = (load_checkpoint(f) for f in files)
     except (urllib.error.URLError, OSError) as e:
         raise SystemExit(f"error: cannot get the LPIPS/VGG16 weights ({e}). Put vgg16-397923af.pth ({VGG16_URL}) "
                          f"and vgg.pth ({LPIPS_URL}) in a folder and pass --perceptual-weights DIR, "
@@ -547,14 +563,25 @@ def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
 
 
 # --------------------------------------------------------------------------- main
+# settings a resumed run must share with its checkpoint (--steps may grow, logging may change)
+RESUME_KEYS = ("data", "lr", "batch_size", "l1_weight", "perceptual_weight", "image_gan_weight", "volume_gan_weight",
+               "gan_feat_weight", "disc_start", "lambda_loc", "grad_clip", "seed", "precision")
+
+
 def main(args):
     d, prec = start_run(args.device, args.precision, args.seed)
     device, rank, world = d.device, d.rank, d.world_size
     out = args.out
-    split = json.loads((args.prep / "split.json").read_text())
+    if rank == 0:
+        prepare_out(out, [args.prep])
+    split = read_split(args.prep, masks=True)  # a volume without a mask (02 skipped it) is left out
     train = load_split(args.prep, split["train"])
     if train is None:
-        raise SystemExit(f"error: no training volumes in {args.prep / 'split.json'}")
+        raise SystemExit(f"error: no training volume with a mask in {args.prep}: run 02_masks.py first")
+    # what this run trains on, so that a resume on other data (or a redone 01/02) is refused
+    args.data = {"prep": str(args.prep.resolve()), "train": split["train"],
+                 **{k: file_fingerprint(args.prep / k) for k in ("config.json", "masks/config.json")
+                    if (args.prep / k).is_file()}}
     vols, boxes, has_box = train
     # The training set stays in memory; on the GPU too when it fits easily (no loader, no copies per step).
     on_gpu = device.type == "cuda" and vols.numel() * 2 < 0.25 * torch.cuda.mem_get_info(device)[0]
@@ -575,10 +602,12 @@ def main(args):
 
     step, ckpt_path = 0, out / "ckpt.pt"
     if ckpt_path.exists() and not args.fresh:
-        ck = load_checkpoint(ckpt_path, map_location=device)
+        ck = checkpoint_parts(load_checkpoint(ckpt_path, map_location=device), ckpt_path,
+                              ("model_kwargs", "model", "args", "step"), "03_vqgan.py")
         if ck["model_kwargs"] != model.kwargs:
             raise SystemExit(f"error: {ckpt_path} holds a model with {ck['model_kwargs']}; this run asks for "
                              f"{model.kwargs}. Use another --out, or --fresh to start again")
+        check_resume(ck["args"], args_record(args), RESUME_KEYS, ckpt_path)
         model.load_state_dict(ck["model"]), disc2d.load_state_dict(ck["disc2d"]), disc3d.load_state_dict(ck["disc3d"])
         opt_ae.load_state_dict(ck["opt_ae"]), opt_d.load_state_dict(ck["opt_d"]), prec.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -603,7 +632,7 @@ def main(args):
         rng = {"torch": torch.get_rng_state(), "batch": gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint({"step": step, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        save_checkpoint({"step": step, "args": args_record(args),
                          "model_kwargs": model.kwargs, "model": model.state_dict(), "disc2d": disc2d.state_dict(),
                          "disc3d": disc3d.state_dict(), "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
                          "scaler": prec.scaler.state_dict(), "rng": rng}, ckpt_path)
@@ -620,7 +649,7 @@ def main(args):
     log_path = out / "log.csv"
     fields = ["step", "l1", "commitment", "perceptual", "g_image", "g_volume", "feat_match", "locality", "d_loss",
               "perplexity", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
-    log_row = csv_logger(log_path, fields, fresh=step == 0, enabled=rank == 0)
+    log_row = csv_logger(log_path, fields, start_step=step, enabled=rank == 0)
     sums = torch.zeros(len(fields) - 4, device=device)
     t_last, n_last, x = time.perf_counter(), step, None
     model_t.train(), d2_t.train(), d3_t.train()
@@ -691,4 +720,4 @@ def evaluate(model, prep, names, out, device, prec):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

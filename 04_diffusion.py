@@ -35,10 +35,8 @@ Where we differ from the authors' release, on purpose (REFERENCE.md §3):
     torchrun --nproc_per_node 2 04_diffusion.py --batch-size 10
     python 04_diffusion.py --cond none --out runs/diffusion_v0   # Medical Diffusion (V0)
 """
-import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -53,42 +51,54 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (csv_logger, load_checkpoint, load_stage, peak_memory_gb, print0, read_nifti, save_checkpoint,
-                    save_preview, soft_tissue, start_run, teardown_distributed, xyz_to_dhw)
+from common import (ArgumentParser, args_record, at_least, check_resume, checkpoint_parts, csv_logger,
+                    file_fingerprint, in_range, load_checkpoint, load_stage, peak_memory_gb, positive,
+                    prepare_out, print0, read_nifti, read_split, run_stage, save_checkpoint, save_preview,
+                    soft_tissue, start_run, teardown_distributed, xyz_to_dhw)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prep", type=Path, default=Path("data/prep"), help="01/02 output (images/, masks/, split.json)")
-    p.add_argument("--vqgan", type=Path, default=Path("runs/vqgan/ckpt.pt"), help="03's checkpoint (frozen here)")
+    p = ArgumentParser(__doc__.split("\n")[0])
+    p.add_argument("--prep", type=Path, default=Path("data/prep"),
+                   help="01/02 output (images/, masks/, split.json)")
+    p.add_argument("--vqgan", type=Path, default=Path("runs/vqgan/ckpt.pt"),
+                   help="03's checkpoint (frozen here)")
     p.add_argument("--out", type=Path, default=Path("runs/diffusion"), help="run folder")
     m = p.add_argument_group("model (REFERENCE.md §3)")
     m.add_argument("--cond", choices=["none", "content", "structure", "both"], default="both",
                    help="locality condition (Table 2): none = V0, content = V1, structure = V2, both = V3/Full")
-    m.add_argument("--dim", type=int, default=64, help="Unet3D base width")
-    m.add_argument("--dim-mults", type=int, nargs="+", default=(1, 2, 4, 8), help="width multipliers per level")
-    m.add_argument("--attn-heads", type=int, default=8)
-    m.add_argument("--attn-dim-head", type=int, default=32)
-    m.add_argument("--timesteps", type=int, default=300, help="diffusion steps T")
-    m.add_argument("--p-uncond", type=float, default=0.25, help="condition dropout for classifier-free guidance (§3.4.2)")
+    m.add_argument("--dim", type=at_least(1), default=64, help="Unet3D base width")
+    m.add_argument("--dim-mults", type=at_least(1), nargs="+", default=(1, 2, 4, 8),
+                   help="width multipliers per level")
+    m.add_argument("--attn-heads", type=at_least(1), default=8)
+    m.add_argument("--attn-dim-head", type=at_least(1), default=32)
+    m.add_argument("--timesteps", type=at_least(1), default=300, help="diffusion steps T")
+    m.add_argument("--p-uncond", type=in_range(0, 1), default=0.25,
+                   help="condition dropout for classifier-free guidance (§3.4.2)")
     t = p.add_argument_group("training (paper §4.1.3)")
-    t.add_argument("--steps", type=int, default=150_000)
-    t.add_argument("--batch-size", type=int, default=20, help="latents per step per GPU (effective batch = this × GPUs × accum)")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--ema-decay", type=float, default=0.995)
-    t.add_argument("--ema-every", type=int, default=10, help="steps between EMA updates (reference)")
-    t.add_argument("--ema-start", type=int, default=2000, help="before this step the EMA copies the weights (reference)")
+    t.add_argument("--steps", type=at_least(1), default=150_000)
+    t.add_argument("--batch-size", type=at_least(1), default=20,
+                   help="latents per step per GPU (effective batch = this × GPUs × accum)")
+    t.add_argument("--grad-accum", type=at_least(1), default=1)
+    t.add_argument("--lr", type=positive, default=1e-4)
+    t.add_argument("--ema-decay", type=in_range(0, 1), default=0.995)
+    t.add_argument("--ema-every", type=at_least(1), default=10, help="steps between EMA updates (reference)")
+    t.add_argument("--ema-start", type=at_least(0), default=2000,
+                   help="before this step the EMA copies the weights (reference)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     t.add_argument("--device", default="auto")
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--save-every", type=int, default=1000, help="checkpoint + preview samples")
-    t.add_argument("--n-preview", type=int, default=2, help="EMA samples per preview (held-out masks); 0 = none")
-    t.add_argument("--preview-guidance", type=float, default=1.0, help="w of Eq. 4 for the previews")
-    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for the Betti vectors")
+    t.add_argument("--log-every", type=at_least(1), default=50)
+    t.add_argument("--save-every", type=at_least(1), default=1000, help="checkpoint + preview samples")
+    t.add_argument("--n-preview", type=at_least(0), default=2,
+                   help="EMA samples per preview (held-out masks); 0 = none")
+    t.add_argument("--preview-guidance", type=at_least(0.0, float), default=1.0,
+                   help="w of Eq. 4 for the previews")
+    t.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1),
+                   help="processes for the Betti vectors")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start again")
-    t.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU; the first steps are slow)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser (GPU; the first steps are slow)")
     return p.parse_args(argv)
 
 
@@ -538,13 +548,31 @@ def ema_update(ema_params, params, step, start, every, decay):
 
 
 # --------------------------------------------------------------------------- main
+# settings a resumed run must share with its checkpoint (--steps may grow, logging and previews may change)
+RESUME_KEYS = ("data", "vqgan_sha1", "timesteps", "p_uncond", "lr", "batch_size", "grad_accum", "ema_decay", "ema_every",
+               "ema_start", "seed", "precision")
+
+
 def main(args):
     d, prec = start_run(args.device, args.precision, args.seed)
     device, rank, world = d.device, d.rank, d.world_size
     vq = load_stage("03_vqgan")
+    if rank == 0:
+        prepare_out(args.out, [args.prep, args.vqgan])
     vqgan = vq.load_vqgan(args.vqgan, device)
-    split = json.loads((args.prep / "split.json").read_text())
-    args.out.mkdir(parents=True, exist_ok=True)
+    split = read_split(args.prep, masks=True)  # a volume without a mask (02 skipped it) is left out
+    if not split["train"]:
+        raise SystemExit(f"error: no training volume with a mask in {args.prep}: run 02_masks.py first")
+    # what this run trains on: a resume with another VQ-GAN or other data is refused, and 05 checks the VQ-GAN
+    args.data = {"prep": str(args.prep.resolve()), "train": split["train"],
+                 **{k: file_fingerprint(args.prep / k) for k in ("config.json", "masks/config.json")
+                    if (args.prep / k).is_file()}}
+    args.vqgan_sha1 = file_fingerprint(args.vqgan)
+    step, ckpt_path, ck = 0, args.out / "ckpt.pt", None
+    if ckpt_path.exists() and not args.fresh:  # checked before anything in --out is rebuilt
+        ck = checkpoint_parts(load_checkpoint(ckpt_path, map_location=device), ckpt_path,
+                              ("model_kwargs", "model", "ema", "args", "step"), "04_diffusion.py")
+        check_resume(ck["args"], args_record(args), RESUME_KEYS, ckpt_path)
     cache = build_cache(args, split["train"], vqgan, device) if rank == 0 else None
     if world > 1:
         dist.barrier()  # the other ranks read what rank 0 built
@@ -561,9 +589,7 @@ def main(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
 
-    step, ckpt_path = 0, args.out / "ckpt.pt"
-    if ckpt_path.exists() and not args.fresh:
-        ck = load_checkpoint(ckpt_path, map_location=device)
+    if ck is not None:
         if ck["model_kwargs"] != model.kwargs:
             raise SystemExit(f"error: {ckpt_path} holds a model with {ck['model_kwargs']}; this run asks for "
                              f"{model.kwargs}. Use another --out, or --fresh")
@@ -579,9 +605,9 @@ def main(args):
         if rank != 0:
             return
         rng = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
-        save_checkpoint({"step": step, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        save_checkpoint({"step": step, "args": args_record(args),
                          "model_kwargs": model.kwargs, "timesteps": args.timesteps, "latent_scale": [lo, hi],
-                         "vqgan": str(args.vqgan), "model": model.state_dict(), "ema": ema.state_dict(),
+                         "vqgan": str(args.vqgan), "vqgan_sha1": args.vqgan_sha1, "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "scaler": prec.scaler.state_dict(), "rng": rng}, ckpt_path)
         if test_names:
             preview(step)
@@ -605,7 +631,7 @@ def main(args):
            f"lr {args.lr}, p_uncond {args.p_uncond}")
     log_path = args.out / "log.csv"
     log_row = csv_logger(log_path, ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"],
-                         fresh=step == 0, enabled=rank == 0)
+                         start_step=step, enabled=rank == 0)
     loss_sum, t_last, n_last = torch.zeros((), device=device), time.perf_counter(), step
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
@@ -631,11 +657,12 @@ def main(args):
 
 def load_denoiser(path, device="cpu", ema=True):
     """Rebuild the (EMA) denoiser and its diffusion from a 04 checkpoint alone."""
-    ck = load_checkpoint(path, map_location="cpu")
+    ck = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path, ("model_kwargs", "ema", "timesteps"),
+                          "04_diffusion.py")
     model = Denoiser(**ck["model_kwargs"])
     model.load_state_dict(ck["ema" if ema else "model"])
     return model.to(device).eval().requires_grad_(False), GaussianDiffusion(ck["timesteps"]).to(device), ck
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

@@ -43,49 +43,55 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common import (dhw_to_xyz, file_fingerprint, guard_settings, load_stage, print0, read_nifti, save_json,
-                    save_preview, soft_tissue, start_run, teardown_distributed, write_nifti, xyz_to_dhw)
+from common import (ArgumentParser, at_least, check_order, dhw_to_xyz, file_fingerprint, guard_settings,
+                    in_range, load_stage, positive, prepare_out, print0, read_nifti, read_split, run_stage,
+                    save_json, save_preview, soft_tissue, start_run, teardown_distributed, write_nifti,
+                    xyz_to_dhw)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n")[0])
     p.add_argument("--prep", type=Path, default=Path("data/prep"))
     p.add_argument("--vqgan", type=Path, default=Path("runs/vqgan/ckpt.pt"))
     p.add_argument("--diffusion", type=Path, default=Path("runs/diffusion/ckpt.pt"))
     p.add_argument("--out", type=Path, default=Path("runs/samples"))
     a = p.add_argument_group("the set's composition and condition augmentation (§3.4.1)")
-    a.add_argument("--n-original", type=int, default=None,
+    a.add_argument("--n-original", type=at_least(0), default=None,
                    help="samples conditioned on original masks (default: half the training set's size, rounded "
                         "up, or what --n-augmented leaves of it)")
-    a.add_argument("--n-augmented", type=int, default=None,
+    a.add_argument("--n-augmented", type=at_least(0), default=None,
                    help="samples conditioned on augmented masks (default: the other half, or what --n-original "
                         "leaves: a set is as large as the training set, §4.2, unless both are given)")
-    a.add_argument("--flip-prob", type=float, default=0.5,
+    a.add_argument("--flip-prob", type=in_range(0, 1), default=0.5,
                    help="probability of a left-right flip (note: it moves the pancreas to the other side)")
-    a.add_argument("--rotate", type=float, default=10.0, help="max in-plane rotation, degrees")
-    a.add_argument("--scale", type=float, nargs=2, default=(0.9, 1.1), help="in-plane scaling range")
-    a.add_argument("--translate", type=float, default=0.05, help="max in-plane shift, fraction of the size")
-    a.add_argument("--elastic-alpha", type=float, default=4.0, help="elastic displacement scale, voxels")
-    a.add_argument("--elastic-sigma", type=float, default=8.0, help="elastic smoothness (Gaussian σ), voxels")
+    a.add_argument("--rotate", type=at_least(0.0, float), default=10.0, help="max in-plane rotation, degrees")
+    a.add_argument("--scale", type=positive, nargs=2, default=(0.9, 1.1), help="in-plane scaling range")
+    a.add_argument("--translate", type=in_range(0, 1), default=0.05,
+                   help="max in-plane shift, fraction of the size")
+    a.add_argument("--elastic-alpha", type=at_least(0.0, float), default=4.0,
+                   help="elastic displacement scale, voxels")
+    a.add_argument("--elastic-sigma", type=positive, default=8.0,
+                   help="elastic smoothness (Gaussian σ), voxels")
     s = p.add_argument_group("sampling (§3.4.2)")
-    s.add_argument("--guidance", type=float, default=1.0, help="w in Eq. 4 (paper: 1.0; Table 3 sweeps 0.5-2.0)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm: ancestral, all T steps (paper)")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--guidance", type=at_least(0.0, float), default=1.0,
+                   help="w in Eq. 4 (paper: 1.0; Table 3 sweeps 0.5-2.0)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="ddpm: ancestral, all T steps (paper)")
+    s.add_argument("--steps", type=at_least(1), default=50, help="DDIM steps")
+    s.add_argument("--batch-size", type=at_least(1), default=4)
     s.add_argument("--seed", type=int, default=0, help="sample i uses seed (seed, i)")
     s.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     s.add_argument("--device", default="auto")
-    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's U-Net (GPU, many samples)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser's U-Net (GPU, many samples)")
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
                    help="write previews.png (the first samples through their organ)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo samples that already exist and accept changed settings (default: skip them)")
     args = p.parse_args(argv)
-    for flag in ("n_original", "n_augmented"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    check_order(p, args, "--scale", strict=False)
     if args.n_original == 0 and args.n_augmented == 0:
-        p.error("--n-original 0 --n-augmented 0: a set of no samples")
+        p.error("argument --n-augmented: with --n-original 0 too, a set of no samples")
     return args
 
 
@@ -184,23 +190,35 @@ def main(args):
     dm, vq = load_stage("04_diffusion"), load_stage("03_vqgan")
     vqgan = vq.load_vqgan(args.vqgan, device)
     denoiser, diffusion, ck = dm.load_denoiser(args.diffusion, device)
+    vqgan_sha1 = file_fingerprint(args.vqgan)
+    if ck.get("vqgan_sha1", vqgan_sha1) != vqgan_sha1:  # latents mean something only to their own VQ-GAN
+        raise SystemExit(f"error: --diffusion {args.diffusion} was trained on the latents of another VQ-GAN than "
+                         f"--vqgan {args.vqgan} (it names {ck['vqgan']}); pass that one")
     if args.compile:
         denoiser.unet = torch.compile(denoiser.unet)
     lo_z, hi_z = ck["latent_scale"]
-    prep_cfg = json.loads((args.prep / "config.json").read_text())
-    hu_lo, hu_hi = prep_cfg["hu"]
-    names = json.loads((args.prep / "split.json").read_text())["train"]
+    if not (args.prep / "config.json").is_file():
+        raise SystemExit(f"error: {args.prep / 'config.json'} not found: --prep must be a 01_preprocess.py output")
+    hu_lo, hu_hi = json.loads((args.prep / "config.json").read_text())["hu"]
+    names = read_split(args.prep, masks=True)["train"]
     if not names:
-        raise SystemExit(f"error: {args.prep / 'split.json'}: no training case, so no mask to condition on")
+        raise SystemExit(f"error: {args.prep}: no training case with a 02 mask, so no mask to condition on")
+    latent_shape = tuple(ck["model_kwargs"]["extractor_kwargs"]["latent_shape"])
+    made = [n * f for n, f in zip(latent_shape[1:], vqgan.kwargs["downsample"])]  # (D, H, W) of a sample
+    grid = list(xyz_to_dhw(read_nifti(args.prep / "masks" / f"{names[0]}.nii.gz", None)[0]).shape)
+    if grid != made:  # the masks give each sample its place in the world (affine): they must fit
+        raise SystemExit(f"error: --prep {args.prep} holds volumes of shape {grid} (D, H, W); the models make "
+                         f"{made}: pass the --prep they were trained on")
     n_original, n_augmented = composition(args.n_original, args.n_augmented, len(names))
     plan = condition_plan(names, n_original, n_augmented)
     # what makes this folder: a rerun with other settings or checkpoints would mix two sets (refused)
     settings = {k: getattr(args, k) for k in ("flip_prob", "rotate", "scale", "translate", "elastic_alpha",
                                               "elastic_sigma", "guidance", "sampler", "seed")}
     settings.update(steps=args.steps if args.sampler == "ddim" else diffusion.T, n_original=n_original,
-                    n_augmented=n_augmented, prep=str(args.prep.resolve()), vqgan=file_fingerprint(args.vqgan),
+                    n_augmented=n_augmented, prep=str(args.prep.resolve()), vqgan=vqgan_sha1,
                     diffusion=file_fingerprint(args.diffusion))
     if rank == 0:
+        prepare_out(args.out, [args.prep, args.vqgan, args.diffusion])
         guard_settings(args.out / "config.json", settings, args.overwrite)
         planned = {sid for sid, _, _ in plan}
         stale = [f for f in args.out.glob("sample_*") if f.name.split(".")[0].removesuffix("_mask") not in planned]
@@ -211,7 +229,6 @@ def main(args):
     mine = [p for i, p in enumerate(plan) if i % world == rank]  # torchrun: shard the samples
     done = lambda sid: all((args.out / f"{sid}{ext}").exists() for ext in (".nii.gz", "_mask.nii.gz", ".json"))
     todo = [p for p in mine if args.overwrite or not done(p[0])]
-    latent_shape = tuple(ck["model_kwargs"]["extractor_kwargs"]["latent_shape"])
     print0(f"{len(plan)} samples in the plan ({n_original} on original masks, {n_augmented} on augmented masks), "
            f"{len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
@@ -239,6 +256,9 @@ def main(args):
                            args.sampler, args.steps, gens, device, prec)
         with torch.no_grad(), prec.autocast():
             vols = vqgan.decode(dm.from_unit(z, lo_z, hi_z), quantize=True).float()
+        if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
+            raise SystemExit(f"error: sampling {batch[0][0]}... gave NaN or inf: the checkpoints or --precision "
+                             f"{prec.name} are not usable; nothing of this batch was written")
         hu = ((vols.clamp(-1, 1) + 1) / 2 * (hu_hi - hu_lo) + hu_lo)[:, 0].round().cpu().numpy().astype(np.int16)
         for rec, vol, mask, affine in zip(records, hu, masks, affines):
             sid = rec["id"]
@@ -269,4 +289,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

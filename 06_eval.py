@@ -40,7 +40,6 @@ it, with the next volume's mask as a control (what the organ's usual position al
     python 06_eval.py                                                     # runs/samples vs data/prep
     python 06_eval.py --fake lad=runs/samples --fake v0=runs/samples_v0 --med3d-weights pretrain/resnet_50.pth
 """
-import argparse
 import hashlib
 import json
 import math
@@ -55,8 +54,8 @@ from scipy import linalg, ndimage
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from common import (atomic_path, load_stage, pick_device, read_nifti, save_figure, save_json, seed_everything,
-                    xyz_to_dhw)
+from common import (ArgumentParser, at_least, atomic_path, in_range, load_stage, pick_device, prepare_out,
+                    read_nifti, read_split, run_stage, save_figure, save_json, seed_everything, xyz_to_dhw)
 
 vqgan = load_stage("03_vqgan")  # mask_box
 
@@ -64,25 +63,29 @@ RANDOM_NOTE = "random features — not comparable to the paper"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--real", type=Path, default=Path("data/prep"), help="01/02 output: images/, masks/, split.json")
+    p = ArgumentParser(__doc__.split("\n")[0])
+    p.add_argument("--real", type=Path, default=Path("data/prep"),
+                   help="01/02 output: images/, masks/, split.json")
     p.add_argument("--real-split", choices=["all", "train", "test"], default="all",
                    help="real volumes the synthetic sets are compared with (FID, MMD, MS-SSIM)")
     p.add_argument("--fake", action="append", metavar="NAME=DIR", default=None,
                    help="a synthetic set (05's output); repeat for several methods (default: lad=runs/samples)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     f = p.add_argument_group("features (HA-GAN protocol, REFERENCE.md §6)")
-    f.add_argument("--med3d-depth", type=int, choices=sorted(MEDICALNET_ARCH), default=50, help="MedicalNet ResNet depth")
+    f.add_argument("--med3d-depth", type=int, choices=sorted(MEDICALNET_ARCH), default=50,
+                   help="MedicalNet ResNet depth")
     f.add_argument("--med3d-weights", default=None,
                    help="MedicalNet checkpoint (pretrain/resnet_50.pth, the one HA-GAN's evaluation used), or "
                         "'auto' to download; none = random features")
-    f.add_argument("--batch-size", type=int, default=4, help="volumes per feature batch")
-    f.add_argument("--pairs", type=int, default=400, help="random pairs for the MS-SSIM diversity (§4.2)")
+    f.add_argument("--batch-size", type=at_least(1), default=4, help="volumes per feature batch")
+    f.add_argument("--pairs", type=at_least(1), default=400,
+                   help="random pairs for the MS-SSIM diversity (§4.2)")
     q = p.add_argument_group("mask fidelity (our addition)")
-    q.add_argument("--fidelity-steps", type=int, default=2000, help="training steps of each 2-D network; 0 = skip")
-    q.add_argument("--fidelity-batch", type=int, default=16, help="slices per step")
-    q.add_argument("--fidelity-width", type=int, default=16, help="base width of the 2-D U-Net")
-    q.add_argument("--fidelity-shift", type=float, default=0.25,
+    q.add_argument("--fidelity-steps", type=at_least(0), default=2000,
+                   help="training steps of each 2-D network; 0 = skip")
+    q.add_argument("--fidelity-batch", type=at_least(1), default=16, help="slices per step")
+    q.add_argument("--fidelity-width", type=at_least(1), default=16, help="base width of the 2-D U-Net")
+    q.add_argument("--fidelity-shift", type=in_range(0, 0.5), default=0.25,
                    help="largest random in-plane shift of a training batch, as a fraction of the slice size: "
                         "the network cannot learn where the organ usually lies, only what it looks like")
     p.add_argument("--seed", type=int, default=0)
@@ -335,6 +338,10 @@ def fid(a, b, eps=1e-6):
     if the square root is not finite, eps·I is added to both covariances; a small imaginary part from
     round-off is dropped, a large one raises)."""
     a, b = as_float64(a), as_float64(b)
+    if min(len(a), len(b)) < 2:  # one sample has no covariance (NaN), and sqrtm of NaN never returns
+        raise ValueError(f"fid: needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("fid: features hold NaN or inf")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():  # with fewer volumes than features Σ is singular; the check below decides
@@ -422,7 +429,8 @@ def ms_ssim_3d(x, y, data_range):
     5 scales with weights MS_SSIM_WEIGHTS; between scales avg_pool3d(kernel 2) with padding 1 on odd axes
     (zeros counted in the mean, as pytorch-msssim); ReLU on each cs and on the last SSIM;
     result ∏_{i<5} cs_i^{w_i} · ssim_5^{w_5}. Unlike pytorch-msssim there is no minimum-size assert: axes
-    shorter than the 11-voxel window are simply not smoothed (gaussian_filter). The separable filters
+    shorter than the 11-voxel window are simply not smoothed (gaussian_filter), and an axis pooled down to
+    one voxel is not pooled further (so 8 or 12 slices work). The separable filters
     commute, so "depth first" only fixes the order of round-off. Computed in float64 for float64 inputs,
     else float32."""
     if x.shape != y.shape or x.ndim != 5:
@@ -437,8 +445,9 @@ def ms_ssim_3d(x, y, data_range):
         ssim, cs = ssim_and_cs(x, y, data_range, win)
         if scale < len(weights) - 1:
             mcs.append(F.relu(cs))
-            padding = [s % 2 for s in x.shape[2:]]
-            x, y = F.avg_pool3d(x, 2, padding=padding), F.avg_pool3d(y, 2, padding=padding)
+            kernel = [2 if s > 1 else 1 for s in x.shape[2:]]  # an axis down to one voxel stays one voxel
+            padding = [s % 2 if s > 1 else 0 for s in x.shape[2:]]
+            x, y = F.avg_pool3d(x, kernel, kernel, padding), F.avg_pool3d(y, kernel, kernel, padding)
     terms = torch.stack(mcs + [F.relu(ssim)])  # (5, N, C): cs_1..cs_4, ssim_5
     return torch.prod(terms ** weights[:, None, None], 0).mean(1)
 
@@ -471,6 +480,13 @@ def to_unit(arr, hu, path):
     return arr.astype(np.float32)
 
 
+def check_volume(vol, path):
+    """A volume that is one value everywhere (what a diverged generator writes) is not an image."""
+    if vol.min() == vol.max():
+        raise ValueError(f"{path}: every voxel is {vol.min():g}: not an image (a diverged model?)")
+    return vol
+
+
 def load_set(pairs, hu, shape=None):
     """[(image path, mask path or None)] -> (names, volumes (N, D, H, W) float32 [0, 1], masks list).
 
@@ -483,6 +499,7 @@ def load_set(pairs, hu, shape=None):
             vol = xyz_to_dhw(to_unit(np.asarray(arr), hu, img))
             if shape is not None and vol.shape != tuple(shape):
                 raise ValueError(f"{img}: shape {vol.shape} (D, H, W), expected {tuple(shape)} like the real set")
+            check_volume(vol, img)
             m = None
             if msk is not None and msk.exists():
                 m = xyz_to_dhw(read_nifti(msk, None)[0]).astype(np.uint8)
@@ -785,12 +802,12 @@ def main(args):
     t_start = time.perf_counter()
     seed_everything(args.seed)
     device = pick_device(args.device)
-    cfg = json.loads((args.real / "config.json").read_text())
-    split = json.loads((args.real / "split.json").read_text())
-    hu = cfg["hu"]
+    split = read_split(args.real)
+    hu = json.loads((args.real / "config.json").read_text())["hu"]
     for name, folder in args.fake.items():
         if not folder.is_dir():
             raise SystemExit(f"error: --fake {name}={folder}: no such folder (run 05_sample.py first)")
+    prepare_out(args.out, [args.real, *args.fake.values()])
     real_names = {"all": split["train"] + split["test"], "train": split["train"], "test": split["test"]}[args.real_split]
     real_pairs_ = real_pairs(args.real, real_names)
     names, real, real_masks = load_set(real_pairs_, hu)
@@ -834,8 +851,9 @@ def main(args):
         else:
             pairs = fake_pairs(args.fake[name])
             _, vols, masks = load_set(pairs, hu, shape)
-            if len(vols) == 0:
-                raise SystemExit(f"error: {args.fake[name]}: no readable volumes of shape {tuple(shape)}")
+            if len(vols) < 2:  # FID needs a covariance: two volumes at the very least
+                raise SystemExit(f"error: --fake {name}={args.fake[name]}: {len(vols)} readable volume(s) of shape "
+                                 f"{tuple(shape)}; a set needs at least 2 (the paper's hold as many as the real set)")
         key = f"{file_key(pairs)}_{wkey}"
         as_input = lambda v: torch.from_numpy(np.ascontiguousarray(v))[:, None] * 2 - 1  # [0, 1] -> [-1, 1], (N, 1, D, H, W)
         feats[name] = cached_features(args.out / "cache", name, key,
@@ -902,4 +920,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

@@ -42,7 +42,6 @@ seeds each.
 The CPU demo's 64² slices give 8² feature maps (stride 8), so its windows are 1 feature pixel and its
 superpixels ~1.5 feature pixels (paper: 256², windows 4 and 2, superpixels ~6 feature pixels).
 """
-import argparse
 import json
 import textwrap
 import time
@@ -55,8 +54,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from common import (atomic_path, csv_logger, guard_settings, load_checkpoint, load_stage, peak_memory_gb, print0,
-                    read_nifti, save_checkpoint, save_figure, save_json, seed_everything, start_run, xyz_to_dhw)
+from common import (ArgumentParser, at_least, atomic_path, check_order, csv_logger, guard_settings, in_range,
+                    load_checkpoint, load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti,
+                    read_split, run_stage, save_checkpoint, save_figure, save_json, seed_everything,
+                    start_run, xyz_to_dhw)
 
 ev = load_stage("06_eval")  # to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks: shared with 06
 
@@ -65,18 +66,21 @@ RANDOM_NOTE = "backbone randomly initialised (the reference starts from COCO wei
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prep", type=Path, default=Path("data/prep"), help="01's output: images/, labels/, split.json")
+    p = ArgumentParser(__doc__.split("\n")[0])
+    p.add_argument("--prep", type=Path, default=Path("data/prep"),
+                   help="01's output: images/, labels/, split.json")
     p.add_argument("--synthetic", action="append", metavar="NAME=DIR", default=None,
                    help="a synthetic set (05's output); repeat to compare methods, e.g. lad and v0 (Fig. 6) "
                         "(default: lad=runs/samples)")
-    p.add_argument("--out", type=Path, default=Path("runs/ssl"), help="results, table, figure, caches, checkpoints")
+    p.add_argument("--out", type=Path, default=Path("runs/ssl"),
+                   help="results, table, figure, caches, checkpoints")
     p.add_argument("--train", nargs="+", choices=["real", "synthetic", "mixed"], default=["real", "synthetic", "mixed"],
                    help="training sets (§4.3): the real training split; each synthetic set alone (§4.3.1); the real "
                         "set plus synthetic volumes (§4.3.2)")
-    p.add_argument("--mix-fraction", type=float, default=0.2,
+    p.add_argument("--mix-fraction", type=at_least(0.0, float), default=0.2,
                    help="synthetic volumes added in 'mixed', as a fraction of the real set (§4.3.2: about 20%%)")
-    p.add_argument("--runs", type=int, default=5, help="runs per training set, seeds 0..runs-1 (§4.3: 5 runs)")
+    p.add_argument("--runs", type=at_least(1), default=5,
+                   help="runs per training set, seeds 0..runs-1 (§4.3: 5 runs)")
     p.add_argument("--organs", nargs="+", default=["liver=1", "kidney=2", "spleen=3", "pancreas=4,5"],
                    help="NAME=IDS test classes (Fig. 6); pancreas includes its tumour (01's label 5)")
     p.add_argument("--support-case", default=None,
@@ -88,45 +92,62 @@ def get_args(argv=None):
     m.add_argument("--backbone-weights", default=None,
                    help="torchvision-layout ResNet or DeepLabV3 state dict (heads dropped, the rest strict); 'auto' "
                         "downloads the COCO DeepLabV3-ResNet-101 the reference starts from; none = random init")
-    m.add_argument("--channels", type=int, default=256, help="feature channels after the 1×1 conv (reference: 256)")
+    m.add_argument("--channels", type=at_least(1), default=256,
+                   help="feature channels after the 1×1 conv (reference: 256)")
     s = p.add_argument_group("superpixel pseudo-labels (data/pseudolabel_gen.ipynb)")
     s.add_argument("--window", type=float, nargs=2, default=(-125.0, 275.0),
                    help="HU window of the network input and the superpixels (data/SABS/intensity_normalization.ipynb)")
-    s.add_argument("--sp-min-size", type=int, default=400, help="Felzenszwalb min_size, pixels (reference 400 at 256²)")
-    s.add_argument("--sp-sigma", type=float, default=1.0, help="Felzenszwalb Gaussian pre-smoothing σ (reference 1)")
-    s.add_argument("--sp-scale", type=float, default=1.0, help="Felzenszwalb scale (reference: the default, 1)")
-    s.add_argument("--workers", type=int, default=1, help="processes computing superpixels")
+    s.add_argument("--sp-min-size", type=at_least(1), default=400,
+                   help="Felzenszwalb min_size, pixels (reference 400 at 256²)")
+    s.add_argument("--sp-sigma", type=at_least(0.0, float), default=1.0,
+                   help="Felzenszwalb Gaussian pre-smoothing σ (reference 1)")
+    s.add_argument("--sp-scale", type=positive, default=1.0,
+                   help="Felzenszwalb scale (reference: the default, 1)")
+    s.add_argument("--workers", type=at_least(1), default=1, help="processes computing superpixels")
     a = p.add_argument_group("episode augmentation (dataloaders/augutils.py sabs_aug), pixels at the data's size")
-    a.add_argument("--rotate", type=float, default=5.0, help="max rotation, degrees")
-    a.add_argument("--shift", type=float, default=5.0, help="max shift, pixels (reference at 256²: 5)")
-    a.add_argument("--shear", type=float, default=5.0, help="max shear, degrees")
-    a.add_argument("--scale", type=float, nargs=2, default=(0.9, 1.2), help="isotropic scaling range")
-    a.add_argument("--elastic-alpha", type=float, default=10.0, help="elastic displacement scale, pixels (0 = off)")
-    a.add_argument("--elastic-sigma", type=float, default=5.0, help="elastic smoothing σ, pixels")
-    a.add_argument("--gamma", type=float, nargs=2, default=(0.5, 1.5), help="gamma range of the intensity transform")
+    a.add_argument("--rotate", type=at_least(0.0, float), default=5.0, help="max rotation, degrees")
+    a.add_argument("--shift", type=at_least(0.0, float), default=5.0,
+                   help="max shift, pixels (reference at 256²: 5)")
+    a.add_argument("--shear", type=at_least(0.0, float), default=5.0, help="max shear, degrees")
+    a.add_argument("--scale", type=positive, nargs=2, default=(0.9, 1.2), help="isotropic scaling range")
+    a.add_argument("--elastic-alpha", type=at_least(0.0, float), default=10.0,
+                   help="elastic displacement scale, pixels (0 = off)")
+    a.add_argument("--elastic-sigma", type=positive, default=5.0, help="elastic smoothing σ, pixels")
+    a.add_argument("--gamma", type=positive, nargs=2, default=(0.5, 1.5),
+                   help="gamma range of the intensity transform")
     q = p.add_argument_group("prototypes and loss (models/alpmodule.py, util/utils.py)")
-    q.add_argument("--pool-train", type=int, default=4,
+    q.add_argument("--pool-train", type=at_least(1), default=4,
                    help="local pooling window L in training, feature pixels (reference: 32 / proto_grid_size 8 = 4)")
-    q.add_argument("--pool-test", type=int, default=2, help="local pooling window at test (reference val_wsize 2)")
-    q.add_argument("--proto-thresh", type=float, default=0.95, help="a window is a prototype if this much is in the class")
-    q.add_argument("--ce-weights", type=float, nargs=2, default=(0.05, 1.0), help="cross-entropy weights bg, fg")
+    q.add_argument("--pool-test", type=at_least(1), default=2,
+                   help="local pooling window at test (reference val_wsize 2)")
+    q.add_argument("--proto-thresh", type=in_range(0, 1), default=0.95,
+                   help="a window is a prototype if this much is in the class")
+    q.add_argument("--ce-weights", type=at_least(0.0, float), nargs=2, default=(0.05, 1.0),
+                   help="cross-entropy weights bg, fg")
     t = p.add_argument_group("training (config_ssl_upload.py)")
-    t.add_argument("--iters", type=int, default=100100, help="iterations of one episode each (reference n_steps)")
-    t.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    t.add_argument("--lr-step", type=int, default=1000, help="decay the lr every this many iterations ...")
-    t.add_argument("--lr-gamma", type=float, default=0.95, help="... by this factor")
-    t.add_argument("--log-every", type=int, default=100, help="log interval (reference print_interval)")
-    t.add_argument("--save-every", type=int, default=25000, help="checkpoint interval (reference snapshot interval)")
+    t.add_argument("--iters", type=at_least(0), default=100100,
+                   help="iterations of one episode each (reference n_steps)")
+    t.add_argument("--lr", type=positive, default=1e-3, help="SGD learning rate")
+    t.add_argument("--momentum", type=in_range(0, 1), default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=at_least(0.0, float), default=5e-4, help="SGD weight decay")
+    t.add_argument("--lr-step", type=at_least(1), default=1000,
+                   help="decay the lr every this many iterations ...")
+    t.add_argument("--lr-gamma", type=in_range(0, 1), default=0.95, help="... by this factor")
+    t.add_argument("--log-every", type=at_least(1), default=100,
+                   help="log interval (reference print_interval)")
+    t.add_argument("--save-every", type=at_least(1), default=25000,
+                   help="checkpoint interval (reference snapshot interval)")
     e = p.add_argument_group("test (validation.py)")
-    e.add_argument("--chunks", type=int, default=3, help="support chunks along z (reference n_sup_part 3)")
-    e.add_argument("--eval-batch", type=int, default=32, help="query slices per forward pass")
+    e.add_argument("--chunks", type=at_least(1), default=3,
+                   help="support chunks along z (reference n_sup_part 3)")
+    e.add_argument("--eval-batch", type=at_least(1), default=32, help="query slices per forward pass")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast of the network (auto: bf16 on CUDA, fp32 on the CPU); prototypes are always fp32")
     p.add_argument("--device", default="auto", help="auto: the first GPU if there is one, else the CPU")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs and accept changed settings")
     args = p.parse_args(argv)
+    for flag in ("--window", "--scale", "--gamma"):
+        check_order(p, args, flag, strict=flag == "--window")
     try:
         args.synthetic = dict((f.split("=", 1)[0], Path(f.split("=", 1)[1])) for f in (args.synthetic or ["lad=runs/samples"]))
         args.organs = {o.split("=", 1)[0]: [int(i) for i in o.split("=", 1)[1].split(",")] for o in args.organs}
@@ -134,8 +155,6 @@ def get_args(argv=None):
         p.error("--synthetic wants NAME=DIR and --organs NAME=ID[,ID]")
     if any(not n.replace("_", "").isalnum() for n in args.synthetic):
         p.error("--synthetic: NAME must be letters, digits and _ (it names files)")
-    if args.runs < 1:
-        p.error("--runs must be at least 1")
     # the training sets, in Fig. 6's order: real, each synthetic set alone, each mixed with the real set
     args.sets = (["real"] if "real" in args.train else []) + \
         [f"{kind}-{n}" for kind in ("synthetic", "mixed") if kind in args.train for n in args.synthetic]
@@ -587,7 +606,7 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
                          "settings": json.loads(json.dumps(settings)), "fingerprint": fingerprint,
                          "model_kwargs": {"backbone": args.backbone, "channels": args.channels}}, ckpt_path)
 
-    log = csv_logger(log_path, ["iter", "loss_query", "loss_align", "lr", "ms_per_iter", "peak_memory_gb"], fresh=start == 0)
+    log = csv_logger(log_path, ["iter", "loss_query", "loss_align", "lr", "ms_per_iter", "peak_memory_gb"], start_step=start)
     acc = torch.zeros(2, device=device)  # summed losses on the device; read once per log interval
     t0, it0, t_start = time.perf_counter(), start, time.perf_counter()
     for it in range(start, args.iters):
@@ -683,8 +702,9 @@ def main(args):
     t_start = time.perf_counter()
     dist_, prec = start_run(args.device, args.precision, seed=0)
     device = dist_.device
+    split = read_split(args.prep)
     hu = json.loads((args.prep / "config.json").read_text())["hu"]
-    split = json.loads((args.prep / "split.json").read_text())
+    prepare_out(args.out, [args.prep, *args.synthetic.values()])
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                 if k not in ("train", "sets", "runs", "seeds", "synthetic", "out", "workers", "device", "eval_batch",
                              "log_every", "save_every", "overwrite", "prep")}
@@ -808,4 +828,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_stage(main, get_args)

@@ -12,13 +12,16 @@ Conventions used by every stage
   `dhw_to_xyz` convert (a transpose, no flips), so a (256, 256, 32) NIfTI is a
   (1, 32, 256, 256) tensor, as in the paper (REFERENCE.md §1).
 """
+import argparse
 import contextlib
 import csv
+import errno
 import hashlib
 import importlib.util
 import json
 import os
 import random
+import re
 import resource
 import sys
 import zlib
@@ -53,6 +56,126 @@ def atomic_path(path):
             tmp.unlink()
 
 
+TEMP_MARK = ".tmp"  # temporary names: .<name>.<pid>.tmp<ext>
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files that a killed run left in `folder` (recursively): those whose
+    writer process is gone. A live writer's (another torchrun rank's) are left alone."""
+    removed = []
+    for f in Path(folder).rglob(f".*{TEMP_MARK}*"):
+        m = re.fullmatch(r"\..+\.(\d+)\.tmp(\..+)?", f.name)  # atomic_path's names only
+        if m and f.is_file() and not _alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_out(out, inputs=(), flag="--out"):
+    """Make an output folder ready, or exit with one line saying why not.
+
+    Refuses an `out` that is, lies inside, or contains one of the `inputs` (files or folders the
+    stage only reads), so no output can ever land on a user's data; creates it; checks that it
+    can be written; removes temporary files left by a killed run (they would otherwise be read
+    as results). Returns the paths removed."""
+    out = Path(out)
+    res = out.resolve()
+    for src in inputs:
+        if src is None or not Path(src).exists():
+            continue
+        src = Path(src).resolve()
+        if res == src or src in res.parents or res in src.parents:
+            raise SystemExit(f"error: {flag} {out} overlaps the input {src} (the same folder, inside it, or "
+                             f"holding it); outputs never go where inputs live: choose another {flag}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}{TEMP_MARK}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {out}: cannot write here ({e.strerror})") from None
+    removed = remove_stale_temps(out)
+    if removed:
+        print0(f"removed {len(removed)} temporary file(s) left in {out} by an interrupted run")
+    return removed
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the stages' defaults, and a bad argument reported on one line (exit code 2):
+    `03_vqgan.py: error: argument --steps: must be >= 1, got -5 (see --help)`."""
+
+    def __init__(self, description, **kwargs):
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(lo, kind=int):
+    """argparse type: a number >= lo, e.g. `type=at_least(1)` for a count, `at_least(0.0, float)`."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not v >= lo:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return v
+    return parse
+
+
+def positive(text):
+    """argparse type: a float > 0 (a learning rate, a size in mm)."""
+    v = at_least(0.0, float)(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def in_range(lo, hi, kind=float):
+    """argparse type: a number in [lo, hi], e.g. a probability `in_range(0, 1)`."""
+    def parse(text):
+        v = at_least(lo, kind)(text)
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text}")
+        return v
+    return parse
+
+
+def check_order(parser, args, flag, strict=True):
+    """Exit with a one-line error unless the two values of `flag` (e.g. --hu MIN MAX) are in order."""
+    lo, hi = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if lo > hi or (strict and lo == hi):
+        parser.error(f"argument {flag}: the first value must be {'below' if strict else 'at most'} the second, "
+                     f"got {lo:g} {hi:g}")
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # the output, not one case
+
+
+def run_stage(main, get_args):
+    """`if __name__ == "__main__": run_stage(main, get_args)`: a full disk, a read-only folder or
+    a missing permission ends the run with one line naming the file, not a traceback."""
+    args = get_args()
+    try:
+        return main(args)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise SystemExit(f"error: {e.filename or 'writing an output'}: {e.strerror}; nothing half-written was kept "
+                         f"(outputs are written atomically), rerun once fixed to resume") from None
+
+
 def save_json(obj, path):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
@@ -74,6 +197,41 @@ def guard_settings(path, settings, overwrite=False):
                              f"pass --overwrite to redo it, or choose another output folder")
     save_json(settings, path)
     return settings
+
+
+def read_split(prep, masks=False):
+    """`prep/split.json` (01) with each listed volume checked: a missing image (or, with
+    masks=True, a missing 02 mask) costs that volume, reported in one line, not the run."""
+    prep = Path(prep)
+    path = prep / "split.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: run 01_preprocess.py (--out {prep}) first")
+    try:
+        split = json.loads(path.read_text())
+        assert isinstance(split.get("train"), list) and isinstance(split.get("test"), list)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: {path}: not a split written by 01_preprocess.py") from None
+    for part in ("train", "test"):
+        kept, lost = [], []
+        for n in split[part]:
+            ok = (prep / "images" / f"{n}.nii.gz").is_file() and (not masks or (prep / "masks" / f"{n}.nii.gz").is_file())
+            (kept if ok else lost).append(n)
+        if lost:
+            what = "image or 02 mask" if masks else "image"
+            print0(f"warning: {len(lost)} {part} volume(s) of {path} have no {what} and are left out: "
+                   f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}")
+        split[part] = kept
+    return split
+
+
+def inputs_fingerprint(files):
+    """What an output records of its inputs without reading them: name, size and mtime of each
+    file. A changed, replaced or moved input gives another fingerprint."""
+    out = {}
+    for f in files:
+        st = Path(f).stat()
+        out[str(Path(f).resolve())] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def file_fingerprint(path, chunk=1 << 22):
@@ -98,21 +256,37 @@ def _json_default(x):
 
 # --------------------------------------------------------------------------- NIfTI
 NIFTI_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError)
+MAX_NIFTI_GB = 2.0  # the largest voxel data read (a 512x512x2000 int16 CT is 1 GiB)
 
 
-def read_nifti(path, dtype=np.float32):
+def read_nifti(path, dtype=np.float32, max_gb=MAX_NIFTI_GB):
     """Read a NIfTI file reoriented to canonical RAS+. Returns (array (X, Y, Z, ...), affine).
 
-    Any failure to read (missing, truncated, not NIfTI) is raised as ValueError naming the
-    file. Intensity scaling (scl_slope/scl_inter) is applied; `dtype=None` keeps the stored
-    type when there is no scaling (labels).
+    Any failure to read (missing, truncated, not NIfTI, or a header that promises more than
+    `max_gb` GiB of voxels: checked before any voxel is read, so a crafted 1 MB gzip cannot
+    inflate to gigabytes) is raised as ValueError naming the file. Intensity scaling
+    (scl_slope/scl_inter) is applied; `dtype=None` keeps the stored type when there is no
+    scaling (labels).
     """
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))
+        _check_nifti_size(path, img, max_gb)
+        img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj) if dtype is None else img.get_fdata(dtype=dtype)
     except NIFTI_READ_ERRORS as e:
         raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
     return data, img.affine.copy()
+
+
+def _check_nifti_size(path, img, max_gb):
+    n = int(np.prod(img.header.get_data_shape(), dtype=np.int64)) * img.header.get_data_dtype().itemsize
+    if n > max_gb * 2**30:
+        raise ValueError(f"its header promises {n / 2**30:.1f} GiB of voxels {img.header.get_data_shape()}, over the "
+                         f"{max_gb:g} GiB limit")
+    if str(path).endswith(".nii"):  # uncompressed: the file must hold what the header promises
+        need = int(img.header["vox_offset"]) + n
+        if os.path.getsize(path) < need:
+            raise ValueError(f"truncated: the header promises {need} bytes, the file has {os.path.getsize(path)}")
 
 
 def write_nifti(path, data, affine, dtype):
@@ -163,8 +337,46 @@ def load_checkpoint(path, map_location="cpu"):
     dicts only (`weights_only=True`): a checkpoint is a pickle, and we never execute one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here (run the stage that writes it first)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise SystemExit(f"error: {path}: no checkpoint here (run the stage that writes it first)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's own message would suggest unpickling it anyway: never do that
+        raise SystemExit(f"error: {path}: cannot load this checkpoint ({type(e).__name__}): it is truncated, "
+                         f"corrupt, or holds objects other than tensors and numbers, which are never unpickled "
+                         f"here; rerun the stage that writes it") from None
+
+
+def checkpoint_parts(ck, path, keys, writer):
+    """Exit with one line unless the loaded checkpoint `ck` has every key (a 03 checkpoint passed
+    where 04's is expected, say), and every tensor in it is finite (a diverged run)."""
+    missing = [k for k in keys if k not in ck]
+    if missing:
+        raise SystemExit(f"error: {path}: not a checkpoint of {writer} (it has no {', '.join(missing)})")
+    for k in keys:
+        if isinstance(ck[k], dict):
+            bad = [n for n, t in ck[k].items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+            if bad:
+                raise SystemExit(f"error: {path}: {len(bad)} weight tensor(s) hold NaN or inf ({bad[0]}, ...): the "
+                                 f"training diverged; this checkpoint cannot be used")
+    return ck
+
+
+def args_record(args):
+    """A run's arguments as a checkpoint stores them: a dict, paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def check_resume(saved, current, keys, path):
+    """Refuse to resume a run whose settings differ: `saved` are the args a checkpoint records,
+    `current` this run's (both dicts); only `keys` must match (--steps may grow, logging change)."""
+    changed = [k for k in keys if k in saved and json.dumps(saved[k], default=_json_default)
+               != json.dumps(current[k], default=_json_default)]
+    if changed:
+        label = {"data": "the training data (--prep, and what 01 and 02 wrote there)",
+                 "vqgan_sha1": "the --vqgan checkpoint"}
+        what = ", ".join(label.get(k, f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}") for k in changed)
+        raise SystemExit(f"error: {path} was trained with other settings ({what}); resume with the same ones, "
+                         f"or start again with --fresh (or another --out)")
 
 
 # --------------------------------------------------------------------------- seeding, device, precision
@@ -262,15 +474,20 @@ def start_run(device="auto", precision="auto", seed=0):
     return d, prec
 
 
-def csv_logger(path, fields, fresh, enabled=True):
-    """A training log: `path` gets a header when the run starts fresh (or the file is missing),
-    rows are appended after that, so a resumed run continues the same file. Returns write(row);
-    floats are written with 6 significant digits. enabled=False (ranks > 0) writes nothing."""
+def csv_logger(path, fields, start_step=0, enabled=True):
+    """A training log: `path` gets a header when the run starts at step 0 (or the file is missing);
+    a run resumed at `start_step` keeps the rows up to that step and drops later ones (written
+    after the checkpoint it resumed from), so no step is logged twice. Returns write(row); floats
+    are written with 6 significant digits. enabled=False (ranks > 0) writes nothing."""
     path = Path(path)
-    if enabled and (fresh or not path.exists()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
+    if enabled:
+        rows = []
+        if start_step > 0 and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in list(csv.reader(f))[1:] if r and float(r[0]) <= start_step]
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([fields, *rows])
 
     def write(row):
         if enabled:

@@ -1,7 +1,6 @@
 """common.py: NIfTI geometry, atomic writes, checkpoints, precision, distributed, previews, stages."""
 import json
 import os
-import pickle
 import socket
 import sys
 
@@ -86,9 +85,10 @@ def test_checkpoint_roundtrip_and_weights_only(tmp_path):
     torch.testing.assert_close(back["model"]["w"], obj["model"]["w"])
     # an arbitrary pickled object is refused: checkpoints are never executed
     torch.save({"evil": common.Dist(0, 1, 0, torch.device("cpu"))}, tmp_path / "bad.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(SystemExit, match="bad.pt: cannot load this checkpoint") as e:  # one line, naming the file
         common.load_checkpoint(tmp_path / "bad.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    assert "weights_only=False" not in str(e.value)  # never the advice to unpickle it anyway
+    with pytest.raises(SystemExit, match="missing.pt: no checkpoint here"):
         common.load_checkpoint(tmp_path / "missing.pt")
 
 
@@ -187,15 +187,17 @@ def test_guard_settings_refuses_mixing_runs(tmp_path):
     assert '"organ": 1' in p.read_text()
 
 
-def test_csv_logger_starts_fresh_and_appends_on_resume(tmp_path):
+def test_csv_logger_starts_fresh_and_a_resume_drops_rows_past_its_step(tmp_path):
     p = tmp_path / "run" / "log.csv"
-    write = common.csv_logger(p, ["step", "loss"], fresh=True)
+    write = common.csv_logger(p, ["step", "loss"])
     write([1, 0.123456789])
-    common.csv_logger(p, ["step", "loss"], fresh=False)([2, 0.5])  # a resumed run continues the file
-    assert p.read_text().splitlines() == ["step,loss", "1,0.123457", "2,0.5"]
-    common.csv_logger(p, ["step", "loss"], fresh=True, enabled=False)([3, 1.0])  # rank > 0: writes nothing
-    assert p.read_text().splitlines()[-1] == "2,0.5"
-    common.csv_logger(p, ["step", "loss"], fresh=True)
+    write([2, 0.2])
+    write([3, 0.3])  # logged after the step-2 checkpoint, then killed
+    common.csv_logger(p, ["step", "loss"], start_step=2)([3, 0.31])  # resumed at 2: step 3 again, once
+    assert p.read_text().splitlines() == ["step,loss", "1,0.123457", "2,0.2", "3,0.31"]
+    common.csv_logger(p, ["step", "loss"], enabled=False)([4, 1.0])  # rank > 0: writes nothing
+    assert p.read_text().splitlines()[-1] == "3,0.31"
+    common.csv_logger(p, ["step", "loss"])
     assert p.read_text().splitlines() == ["step,loss"]
 
 

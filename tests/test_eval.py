@@ -137,6 +137,7 @@ def test_to_unit_and_load_set_skip_bad_files(tmp_path, capsys):
     hu = (-1000.0, 400.0)
     aff = np.diag([2.0, 2.0, 3.0, 1.0])
     vol = np.full((6, 5, 4), -300, np.int16)                    # (X, Y, Z)
+    vol[0, 0, 0] = 400                                          # (a constant volume is not an image: skipped)
     write_nifti(tmp_path / "a.nii.gz", vol, aff, np.int16)
     write_nifti(tmp_path / "a_mask.nii.gz", np.ones((6, 5, 4)), aff, np.uint8)
     write_nifti(tmp_path / "b.nii.gz", np.zeros((6, 5, 3)), aff, np.int16)   # wrong shape
@@ -145,7 +146,8 @@ def test_to_unit_and_load_set_skip_bad_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert names == ["a"]
     assert vols.shape == (1, 4, 5, 6)
-    np.testing.assert_allclose(vols, 0.5)                                    # -300 HU on [-1000, 400]
+    np.testing.assert_allclose(vols.reshape(-1)[1:], 0.5)                    # -300 HU on [-1000, 400]
+    assert vols.reshape(-1)[0] == 1.0
     assert masks[0].shape == (4, 5, 6)
     assert "b.nii.gz" in out and "shape" in out and "c.nii.gz" in out
     unit = np.linspace(0, 1, 10, dtype=np.float32)

@@ -336,7 +336,7 @@ def test_split_is_deterministic(prep):
 def test_refuses_output_inside_the_input(tmp_path, small_raw):
     r = cli("01_preprocess.py", "--images", small_raw / "images", "--labels", small_raw / "labels",
             "--out", small_raw / "images" / "prep")
-    assert r.returncode != 0 and "inside an input folder" in r.stderr
+    assert r.returncode != 0 and "overlaps the input" in r.stderr
 
 
 def test_default_layout_end_to_end(tmp_path):
