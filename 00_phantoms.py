@@ -45,10 +45,12 @@ def get_args(argv=None):
                    help="output root (images/, labels/ below it)")
     p.add_argument("--n", type=at_least(1), default=20, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (case k depends only on seed and k)")
-    p.add_argument("--spacing-xy", type=at_least(0.1, float), nargs=2, default=(1.6, 2.2), metavar=("MIN", "MAX"),
+    mm = at_least(0.1, float)
+    p.add_argument("--spacing-xy", type=mm, nargs=2, default=(1.6, 2.2), metavar=("MIN", "MAX"),
                    help="in-plane voxel size range, mm (real CT is 0.6-0.9; phantoms are coarser to stay fast)")
-    p.add_argument("--spacing-z", type=at_least(0.1, float), nargs=2, default=(2.5, 5.0), metavar=("MIN", "MAX"), help="slice spacing range, mm")
-    p.add_argument("--z-extent", type=at_least(1.0, float), nargs=2, default=(70.0, 200.0), metavar=("MIN", "MAX"),
+    p.add_argument("--spacing-z", type=mm, nargs=2, default=(2.5, 5.0), metavar=("MIN", "MAX"),
+                   help="slice spacing range, mm")
+    p.add_argument("--z-extent", type=mm, nargs=2, default=(70.0, 200.0), metavar=("MIN", "MAX"),
                    help="scanned length range, mm (short ones exercise padding to 32 slices)")
     p.add_argument("--tumour-fraction", type=in_range(0, 1), default=0.35,
                    help="fraction of cases with a pancreatic tumour (label 5)")
@@ -320,9 +322,10 @@ def main(args):
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     foreign = foreign_file(out, manifest) if out.is_dir() else None
-    if foreign and not args.overwrite:  # a folder of our own phantoms, unchanged, may be rewritten; nothing else
-        raise SystemExit(f"error: --out {out} holds files that 00_phantoms.py did not write or that changed since "
-                         f"(e.g. {foreign}); phantoms go into an empty or new folder (--overwrite replaces and mixes)")
+    if foreign and not args.overwrite:  # our own phantoms, unchanged, may be rewritten; nothing else
+        raise SystemExit(f"error: --out {out} holds files that 00_phantoms.py did not write or that changed "
+                         f"since (e.g. {foreign}); phantoms go into an empty or new folder (--overwrite "
+                         f"replaces and mixes)")
     prepare_out(out)
     if manifest.get("layout", args.layout) != args.layout:
         manifest = {}  # --overwrite to another layout: start the record again

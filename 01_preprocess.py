@@ -111,13 +111,14 @@ def get_args(argv=None):
     out.add_argument("--overwrite", action="store_true",
                      help="redo cases already done (and accept changed settings)")
     out.add_argument("--max-gb", type=at_least(0.001, float), default=2.0,
-                     help="largest input volume, GiB of voxel data as its header states (checked before reading, "
-                          "so a damaged or crafted file cannot fill the memory)")
+                     help="largest input volume, GiB of voxel data as its header states (checked before "
+                          "reading, so a damaged or crafted file cannot fill the memory)")
     args = p.parse_args(argv)
     check_order(p, args, "--hu")
-    unknown = [t for t in args.require_organs.split(",") if t.strip() and not t.strip().isdigit() and t.strip() not in ORGANS]
+    wanted = [t.strip() for t in args.require_organs.split(",") if t.strip()]
+    unknown = [t for t in wanted if not t.isdigit() and t not in ORGANS]
     if unknown:
-        p.error(f"argument --require-organs: unknown organ {unknown[0]!r} (use {', '.join(ORGANS)} or label ids)")
+        p.error(f"argument --require-organs: unknown organ {unknown[0]!r} (use {', '.join(ORGANS)} or ids)")
     preset = PRESETS[args.dataset or ("totalseg" if args.totalseg else "abdomenct1k")]
     args.spacing = tuple(args.spacing or preset["spacing"])
     args.label_map = parse_label_map(args.label_map if args.label_map is not None else preset["label_map"])
@@ -337,7 +338,7 @@ def process_case(spec, cfg):
     except CaseError as e:
         rec.update(status="skipped", reason=str(e))
     except OSError as e:
-        if e.errno in DISK_ERRNOS:  # a full disk or a read-only --out stops the run (inputs are read as ValueError)
+        if e.errno in DISK_ERRNOS:  # a full disk or a read-only --out stops the run (reads raise ValueError)
             raise
         rec.update(status="skipped", reason=f"unexpected {type(e).__name__}: {e}")
     except Exception as e:  # anything unexpected still only costs this case; the trace goes in the record
@@ -358,8 +359,9 @@ def _process(spec, cfg, warnings):
     if hi_hu <= 2.0 and lo_hu >= -1.0:
         warnings.append("intensities lie in [-1, 2]: this does not look like CT in Hounsfield units")
     elif lo_hu >= -200:  # an abdominal CT always holds air (-1000 HU), in the bowel or around the body
-        warnings.append(f"intensities span [{lo_hu:g}, {hi_hu:g}], no air at all: impossible for CT in HU. Stored as "
-                        f"HU + 1024 without a scaling slope? Fix the header (scl_slope 1, scl_inter -1024)")
+        warnings.append(f"intensities span [{lo_hu:g}, {hi_hu:g}], no air at all: impossible for CT in HU. "
+                        f"Stored as HU + 1024 without a scaling slope? Fix the header (scl_slope 1, "
+                        f"scl_inter -1024)")
     label_map = cfg["label_map"] and {int(k): v for k, v in cfg["label_map"].items()}
     lab = None
     if spec["label_kind"] == "file":
@@ -486,7 +488,8 @@ def run_cases(todo, job, workers, done):
                 rec = pool.submit(process_case, spec, job).result()
         except BrokenProcessPool:
             rec = {"case": spec["case"], "image": str(spec["image"]), "status": "skipped", "warnings": [],
-                   "reason": f"{spec['image']}: the worker process died while preprocessing it (out of memory?)"}
+                   "reason": f"{spec['image']}: the worker process died while preprocessing it "
+                             f"(out of memory?)"}
             save_json(rec, Path(job["out"]) / "cases" / f"{spec['case']}.json")
         done(rec)
 
@@ -500,7 +503,8 @@ def main(args):
     if not cases:
         raise SystemExit(f"error: no NIfTI cases found in {args.totalseg or args.images}")
     settings = {k: getattr(args, k) for k in CONFIG_KEYS}
-    settings["inputs"] = [str(Path(p).resolve()) for p in inputs if p is not None]  # another dataset, another --out
+    # another dataset, another --out
+    settings["inputs"] = [str(Path(p).resolve()) for p in inputs if p is not None]
     # tuples -> lists, int keys -> str in cfg: the form it has on disk
     cfg = guard_settings(out / "config.json", settings, args.overwrite)
 

@@ -328,7 +328,8 @@ def main(args):
     settings = {k: getattr(args, k) for k in ("method", "organ", "tumour", "weights", "support_split", "support_size",
                                               "ensemble", "resolution", "largest_component", "seed",
                                               "tumour_support")}
-    settings["prep"] = file_fingerprint(prep / "config.json") if (prep / "config.json").is_file() else None  # 01's
+    prep_cfg = prep / "config.json"  # 01's settings: masks of another preprocessing are refused
+    settings["prep"] = file_fingerprint(prep_cfg) if prep_cfg.is_file() else None
     prepare_out(out)
     seed_everything(args.seed)
 
@@ -362,14 +363,15 @@ def main(args):
     rng = np.random.default_rng(args.seed)
     for name in tqdm(names, desc=f"masks ({args.method})", unit="case"):
         path, old = out / f"{name}.nii.gz", out / "cases" / f"{name}.json"
-        source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"])  # a mask is redone when its image changes
+        source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"], prep)  # a changed image: redo its mask
         if path.exists() and old.exists() and not args.overwrite:
             rec = json.loads(old.read_text())
             if rec.get("source") == source:
                 records.append(rec)
                 continue
         t0 = time.perf_counter()
-        rec = {"case": name, "split": "test" if name in split["test"] else "train", "warnings": [], "source": source}
+        rec = {"case": name, "split": "test" if name in split["test"] else "train", "warnings": [],
+               "source": source}
         try:
             img, aff, lab = load(name)
         except ValueError as e:  # an unreadable volume costs its case

@@ -107,7 +107,8 @@ def get_args(argv=None):
                    help="torch.compile the autoencoder and discriminators (GPU)")
     args = p.parse_args(argv)
     if any(f & (f - 1) for f in args.downsample):  # the encoder halves an axis per stride-2 conv
-        p.error(f"argument --downsample: each factor must be a power of 2, got {' '.join(map(str, args.downsample))}")
+        got = " ".join(map(str, args.downsample))
+        p.error(f"argument --downsample: each factor must be a power of 2, got {got}")
     if args.perceptual_weight > 0 and args.perceptual_weights is None:
         p.error("the perceptual loss needs pretrained VGG16/LPIPS weights: --perceptual-weights DIR (with "
                 "vgg16-397923af.pth and vgg.pth) or --perceptual-weights auto (download); or --perceptual-weight 0")
@@ -323,7 +324,8 @@ class VQGAN(nn.Module):
 
 def load_vqgan(path, device="cpu"):
     """Rebuild the trained autoencoder from a 03 checkpoint alone (eval mode, frozen)."""
-    ckpt = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path, ("model_kwargs", "model"), "03_vqgan.py")
+    ckpt = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path, ("model_kwargs", "model"),
+                            "03_vqgan.py")
     model = VQGAN(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().requires_grad_(False)
@@ -564,8 +566,9 @@ def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
 
 # --------------------------------------------------------------------------- main
 # settings a resumed run must share with its checkpoint (--steps may grow, logging may change)
-RESUME_KEYS = ("data", "lr", "batch_size", "l1_weight", "perceptual_weight", "image_gan_weight", "volume_gan_weight",
-               "gan_feat_weight", "disc_start", "lambda_loc", "grad_clip", "seed", "precision")
+RESUME_KEYS = ("data", "lr", "batch_size", "l1_weight", "perceptual_weight", "image_gan_weight",
+               "volume_gan_weight", "gan_feat_weight", "disc_start", "lambda_loc", "grad_clip", "seed",
+               "precision")
 
 
 def main(args):

@@ -549,8 +549,8 @@ def ema_update(ema_params, params, step, start, every, decay):
 
 # --------------------------------------------------------------------------- main
 # settings a resumed run must share with its checkpoint (--steps may grow, logging and previews may change)
-RESUME_KEYS = ("data", "vqgan_sha1", "timesteps", "p_uncond", "lr", "batch_size", "grad_accum", "ema_decay", "ema_every",
-               "ema_start", "seed", "precision")
+RESUME_KEYS = ("data", "vqgan_sha1", "timesteps", "p_uncond", "lr", "batch_size", "grad_accum", "ema_decay",
+               "ema_every", "ema_start", "seed", "precision")
 
 
 def main(args):
@@ -607,7 +607,8 @@ def main(args):
         rng = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
         save_checkpoint({"step": step, "args": args_record(args),
                          "model_kwargs": model.kwargs, "timesteps": args.timesteps, "latent_scale": [lo, hi],
-                         "vqgan": str(args.vqgan), "vqgan_sha1": args.vqgan_sha1, "model": model.state_dict(), "ema": ema.state_dict(),
+                         "vqgan": str(args.vqgan), "vqgan_sha1": args.vqgan_sha1,
+                         "model": model.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "scaler": prec.scaler.state_dict(), "rng": rng}, ckpt_path)
         if test_names:
             preview(step)
@@ -657,8 +658,8 @@ def main(args):
 
 def load_denoiser(path, device="cpu", ema=True):
     """Rebuild the (EMA) denoiser and its diffusion from a 04 checkpoint alone."""
-    ck = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path, ("model_kwargs", "ema", "timesteps"),
-                          "04_diffusion.py")
+    ck = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path,
+                          ("model_kwargs", "ema", "timesteps"), "04_diffusion.py")
     model = Denoiser(**ck["model_kwargs"])
     model.load_state_dict(ck["ema" if ema else "model"])
     return model.to(device).eval().requires_grad_(False), GaussianDiffusion(ck["timesteps"]).to(device), ck

@@ -187,18 +187,20 @@ def ddim_step(diffusion, z, t, eps, t_prev):
 def main(args):
     dist_, prec = start_run(args.device, args.precision, args.seed)
     device, rank, world = dist_.device, dist_.rank, dist_.world_size
+    if rank == 0:
+        prepare_out(args.out, [args.prep, args.vqgan, args.diffusion])
     dm, vq = load_stage("04_diffusion"), load_stage("03_vqgan")
     vqgan = vq.load_vqgan(args.vqgan, device)
     denoiser, diffusion, ck = dm.load_denoiser(args.diffusion, device)
     vqgan_sha1 = file_fingerprint(args.vqgan)
     if ck.get("vqgan_sha1", vqgan_sha1) != vqgan_sha1:  # latents mean something only to their own VQ-GAN
-        raise SystemExit(f"error: --diffusion {args.diffusion} was trained on the latents of another VQ-GAN than "
-                         f"--vqgan {args.vqgan} (it names {ck['vqgan']}); pass that one")
+        raise SystemExit(f"error: --diffusion {args.diffusion} was trained on the latents of another VQ-GAN "
+                         f"than --vqgan {args.vqgan} (it names {ck['vqgan']}); pass that one")
     if args.compile:
         denoiser.unet = torch.compile(denoiser.unet)
     lo_z, hi_z = ck["latent_scale"]
     if not (args.prep / "config.json").is_file():
-        raise SystemExit(f"error: {args.prep / 'config.json'} not found: --prep must be a 01_preprocess.py output")
+        raise SystemExit(f"error: {args.prep / 'config.json'} not found: --prep must be 01's output")
     hu_lo, hu_hi = json.loads((args.prep / "config.json").read_text())["hu"]
     names = read_split(args.prep, masks=True)["train"]
     if not names:
@@ -207,8 +209,8 @@ def main(args):
     made = [n * f for n, f in zip(latent_shape[1:], vqgan.kwargs["downsample"])]  # (D, H, W) of a sample
     grid = list(xyz_to_dhw(read_nifti(args.prep / "masks" / f"{names[0]}.nii.gz", None)[0]).shape)
     if grid != made:  # the masks give each sample its place in the world (affine): they must fit
-        raise SystemExit(f"error: --prep {args.prep} holds volumes of shape {grid} (D, H, W); the models make "
-                         f"{made}: pass the --prep they were trained on")
+        raise SystemExit(f"error: --prep {args.prep} holds volumes of shape {grid} (D, H, W); the models "
+                         f"make {made}: pass the --prep they were trained on")
     n_original, n_augmented = composition(args.n_original, args.n_augmented, len(names))
     plan = condition_plan(names, n_original, n_augmented)
     # what makes this folder: a rerun with other settings or checkpoints would mix two sets (refused)
@@ -216,9 +218,10 @@ def main(args):
                                               "elastic_sigma", "guidance", "sampler", "seed")}
     settings.update(steps=args.steps if args.sampler == "ddim" else diffusion.T, n_original=n_original,
                     n_augmented=n_augmented, prep=str(args.prep.resolve()), vqgan=vqgan_sha1,
+                    masks=file_fingerprint(args.prep / "masks" / "config.json")  # 02 redone: other conditions
+                    if (args.prep / "masks" / "config.json").is_file() else None,
                     diffusion=file_fingerprint(args.diffusion))
     if rank == 0:
-        prepare_out(args.out, [args.prep, args.vqgan, args.diffusion])
         guard_settings(args.out / "config.json", settings, args.overwrite)
         planned = {sid for sid, _, _ in plan}
         stale = [f for f in args.out.glob("sample_*") if f.name.split(".")[0].removesuffix("_mask") not in planned]
@@ -257,8 +260,8 @@ def main(args):
         with torch.no_grad(), prec.autocast():
             vols = vqgan.decode(dm.from_unit(z, lo_z, hi_z), quantize=True).float()
         if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
-            raise SystemExit(f"error: sampling {batch[0][0]}... gave NaN or inf: the checkpoints or --precision "
-                             f"{prec.name} are not usable; nothing of this batch was written")
+            raise SystemExit(f"error: sampling {batch[0][0]}... gave NaN or inf: the checkpoints or "
+                             f"--precision {prec.name} are not usable; nothing of this batch was written")
         hu = ((vols.clamp(-1, 1) + 1) / 2 * (hu_hi - hu_lo) + hu_lo)[:, 0].round().cpu().numpy().astype(np.int16)
         for rec, vol, mask, affine in zip(records, hu, masks, affines):
             sid = rec["id"]

@@ -54,8 +54,9 @@ from scipy import linalg, ndimage
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from common import (ArgumentParser, at_least, atomic_path, in_range, load_stage, pick_device, prepare_out,
-                    read_nifti, read_split, run_stage, save_figure, save_json, seed_everything, xyz_to_dhw)
+from common import (ArgumentParser, at_least, atomic_path, check_masks_current, in_range, load_stage, pick_device,
+                    prepare_out, read_nifti, read_split, run_stage, save_figure, save_json, seed_everything,
+                    xyz_to_dhw)
 
 vqgan = load_stage("03_vqgan")  # mask_box
 
@@ -803,6 +804,7 @@ def main(args):
     seed_everything(args.seed)
     device = pick_device(args.device)
     split = read_split(args.real)
+    check_masks_current(args.real)  # the real masks (box, contrast, fidelity) belong to these volumes
     hu = json.loads((args.real / "config.json").read_text())["hu"]
     for name, folder in args.fake.items():
         if not folder.is_dir():
@@ -852,8 +854,9 @@ def main(args):
             pairs = fake_pairs(args.fake[name])
             _, vols, masks = load_set(pairs, hu, shape)
             if len(vols) < 2:  # FID needs a covariance: two volumes at the very least
-                raise SystemExit(f"error: --fake {name}={args.fake[name]}: {len(vols)} readable volume(s) of shape "
-                                 f"{tuple(shape)}; a set needs at least 2 (the paper's hold as many as the real set)")
+                raise SystemExit(f"error: --fake {name}={args.fake[name]}: {len(vols)} readable volume(s) of "
+                                 f"shape {tuple(shape)}; a set needs at least 2 (the paper's hold as many as "
+                                 f"the real set)")
         key = f"{file_key(pairs)}_{wkey}"
         as_input = lambda v: torch.from_numpy(np.ascontiguousarray(v))[:, None] * 2 - 1  # [0, 1] -> [-1, 1], (N, 1, D, H, W)
         feats[name] = cached_features(args.out / "cache", name, key,

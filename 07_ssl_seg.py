@@ -606,7 +606,8 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
                          "settings": json.loads(json.dumps(settings)), "fingerprint": fingerprint,
                          "model_kwargs": {"backbone": args.backbone, "channels": args.channels}}, ckpt_path)
 
-    log = csv_logger(log_path, ["iter", "loss_query", "loss_align", "lr", "ms_per_iter", "peak_memory_gb"], start_step=start)
+    log = csv_logger(log_path, ["iter", "loss_query", "loss_align", "lr", "ms_per_iter", "peak_memory_gb"],
+                     start_step=start)
     acc = torch.zeros(2, device=device)  # summed losses on the device; read once per log interval
     t0, it0, t_start = time.perf_counter(), start, time.perf_counter()
     for it in range(start, args.iters):

@@ -115,7 +115,8 @@ class ArgumentParser(argparse.ArgumentParser):
     `03_vqgan.py: error: argument --steps: must be >= 1, got -5 (see --help)`."""
 
     def __init__(self, description, **kwargs):
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -127,7 +128,8 @@ def at_least(lo, kind=int):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         if not v >= lo:  # also rejects nan
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
         return v
@@ -156,8 +158,8 @@ def check_order(parser, args, flag, strict=True):
     """Exit with a one-line error unless the two values of `flag` (e.g. --hu MIN MAX) are in order."""
     lo, hi = getattr(args, flag.lstrip("-").replace("-", "_"))
     if lo > hi or (strict and lo == hi):
-        parser.error(f"argument {flag}: the first value must be {'below' if strict else 'at most'} the second, "
-                     f"got {lo:g} {hi:g}")
+        relation = "below" if strict else "at most"
+        parser.error(f"argument {flag}: the first value must be {relation} the second, got {lo:g} {hi:g}")
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # the output, not one case
@@ -172,8 +174,9 @@ def run_stage(main, get_args):
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        raise SystemExit(f"error: {e.filename or 'writing an output'}: {e.strerror}; nothing half-written was kept "
-                         f"(outputs are written atomically), rerun once fixed to resume") from None
+        where = e.filename or "writing an output"
+        raise SystemExit(f"error: {where}: {e.strerror}; nothing half-written was kept (outputs are written "
+                         f"atomically), rerun once fixed to resume") from None
 
 
 def save_json(obj, path):
@@ -211,10 +214,13 @@ def read_split(prep, masks=False):
         assert isinstance(split.get("train"), list) and isinstance(split.get("test"), list)
     except (ValueError, AssertionError):
         raise SystemExit(f"error: {path}: not a split written by 01_preprocess.py") from None
+    if masks:
+        check_masks_current(prep)
     for part in ("train", "test"):
         kept, lost = [], []
         for n in split[part]:
-            ok = (prep / "images" / f"{n}.nii.gz").is_file() and (not masks or (prep / "masks" / f"{n}.nii.gz").is_file())
+            has_mask = (prep / "masks" / f"{n}.nii.gz").is_file()
+            ok = (prep / "images" / f"{n}.nii.gz").is_file() and (has_mask or not masks)
             (kept if ok else lost).append(n)
         if lost:
             what = "image or 02 mask" if masks else "image"
@@ -224,13 +230,27 @@ def read_split(prep, masks=False):
     return split
 
 
-def inputs_fingerprint(files):
+def check_masks_current(prep):
+    """Exit with one line if prep/masks (02) was made from another run of 01 than prep holds now
+    (02 records the sha1 of 01's config.json): 03-06 would pair new volumes with old masks."""
+    prep = Path(prep)
+    made, now = prep / "masks" / "config.json", prep / "config.json"
+    if made.is_file() and now.is_file():
+        source = json.loads(made.read_text()).get("prep")
+        if source is not None and source != file_fingerprint(now):
+            raise SystemExit(f"error: {prep / 'masks'} was made from another preprocessing than {prep} "
+                             f"holds now (01 ran again since): rerun 02_masks.py --overwrite")
+
+
+def inputs_fingerprint(files, root=None):
     """What an output records of its inputs without reading them: name, size and mtime of each
-    file. A changed, replaced or moved input gives another fingerprint."""
+    file. A changed or replaced input gives another fingerprint; so does a moved one, unless the
+    names are taken relative to `root` (a folder that may move as a whole)."""
     out = {}
-    for f in files:
-        st = Path(f).stat()
-        out[str(Path(f).resolve())] = [st.st_size, st.st_mtime_ns]
+    for f in map(Path, files):
+        st = f.stat()
+        name = f.relative_to(root).as_posix() if root is not None else str(f.resolve())
+        out[name] = [st.st_size, st.st_mtime_ns]
     return out
 
 
@@ -281,12 +301,14 @@ def read_nifti(path, dtype=np.float32, max_gb=MAX_NIFTI_GB):
 def _check_nifti_size(path, img, max_gb):
     n = int(np.prod(img.header.get_data_shape(), dtype=np.int64)) * img.header.get_data_dtype().itemsize
     if n > max_gb * 2**30:
-        raise ValueError(f"its header promises {n / 2**30:.1f} GiB of voxels {img.header.get_data_shape()}, over the "
+        shape = img.header.get_data_shape()
+        raise ValueError(f"its header promises {n / 2**30:.1f} GiB of voxels {shape}, over the "
                          f"{max_gb:g} GiB limit")
     if str(path).endswith(".nii"):  # uncompressed: the file must hold what the header promises
         need = int(img.header["vox_offset"]) + n
         if os.path.getsize(path) < need:
-            raise ValueError(f"truncated: the header promises {need} bytes, the file has {os.path.getsize(path)}")
+            have = os.path.getsize(path)
+            raise ValueError(f"truncated: the header promises {need} bytes, the file has {have}")
 
 
 def write_nifti(path, data, affine, dtype):
@@ -342,8 +364,8 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch's own message would suggest unpickling it anyway: never do that
         raise SystemExit(f"error: {path}: cannot load this checkpoint ({type(e).__name__}): it is truncated, "
-                         f"corrupt, or holds objects other than tensors and numbers, which are never unpickled "
-                         f"here; rerun the stage that writes it") from None
+                         f"corrupt, or holds objects other than tensors and numbers, which are never "
+                         f"unpickled here; rerun the stage that writes it") from None
 
 
 def checkpoint_parts(ck, path, keys, writer):
@@ -354,10 +376,11 @@ def checkpoint_parts(ck, path, keys, writer):
         raise SystemExit(f"error: {path}: not a checkpoint of {writer} (it has no {', '.join(missing)})")
     for k in keys:
         if isinstance(ck[k], dict):
-            bad = [n for n, t in ck[k].items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+            floats = {n: t for n, t in ck[k].items() if torch.is_tensor(t) and t.is_floating_point()}
+            bad = [n for n, t in floats.items() if not t.isfinite().all()]
             if bad:
-                raise SystemExit(f"error: {path}: {len(bad)} weight tensor(s) hold NaN or inf ({bad[0]}, ...): the "
-                                 f"training diverged; this checkpoint cannot be used")
+                raise SystemExit(f"error: {path}: {len(bad)} weight tensor(s) hold NaN or inf ({bad[0]}, "
+                                 f"...): the training diverged; this checkpoint cannot be used")
     return ck
 
 
@@ -375,8 +398,8 @@ def check_resume(saved, current, keys, path):
         label = {"data": "the training data (--prep, and what 01 and 02 wrote there)",
                  "vqgan_sha1": "the --vqgan checkpoint"}
         what = ", ".join(label.get(k, f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}") for k in changed)
-        raise SystemExit(f"error: {path} was trained with other settings ({what}); resume with the same ones, "
-                         f"or start again with --fresh (or another --out)")
+        raise SystemExit(f"error: {path} was trained with other settings ({what}); resume with the same "
+                         f"ones, or start again with --fresh (or another --out)")
 
 
 # --------------------------------------------------------------------------- seeding, device, precision

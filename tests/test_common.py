@@ -85,7 +85,7 @@ def test_checkpoint_roundtrip_and_weights_only(tmp_path):
     torch.testing.assert_close(back["model"]["w"], obj["model"]["w"])
     # an arbitrary pickled object is refused: checkpoints are never executed
     torch.save({"evil": common.Dist(0, 1, 0, torch.device("cpu"))}, tmp_path / "bad.pt")
-    with pytest.raises(SystemExit, match="bad.pt: cannot load this checkpoint") as e:  # one line, naming the file
+    with pytest.raises(SystemExit, match="bad.pt: cannot load this checkpoint") as e:  # one line, the file
         common.load_checkpoint(tmp_path / "bad.pt")
     assert "weights_only=False" not in str(e.value)  # never the advice to unpickle it anyway
     with pytest.raises(SystemExit, match="missing.pt: no checkpoint here"):

@@ -177,8 +177,13 @@ def test_train_resume_equals_uninterrupted(tmp_path, masked_prep):
     assert "encoded 2 volumes" in r.stdout
     r = subprocess.run(cmd(tmp_path / "b", 2), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = tmp_path / "b" / f".ckpt.pt.{dead.pid}.tmp.pt"  # what a kill -9 during a save leaves
+    torn.write_bytes(b"half a checkpoint")
     r = subprocess.run(cmd(tmp_path / "b", 4), capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout and "at step 2" in r.stdout, r.stderr[-3000:]
+    assert not torn.exists()
     a, b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
     assert [row["step"] for row in b] == ["1", "2", "3", "4"]
     for ra, rb in zip(a, b):

@@ -147,9 +147,18 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "s" / "sample_00000_mask.nii.gz").dataobj),
                                   np.asarray(nib.load(masked_prep / "masks" / f"{samples['sample_00000']['case']}.nii.gz").dataobj))
     stamp = (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns
+    # killed between a sample's volume and its record (written last), with a torn temp file beside it
+    (tmp_path / "s" / "sample_00002.json").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "s" / f".sample_00002.nii.gz.{dead.pid}.tmp.nii.gz").write_bytes(b"torn")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "wrote 1 new volumes" in r.stdout, r.stdout  # that sample alone is redone
+    assert not list((tmp_path / "s").glob(".*")) and (tmp_path / "s" / "sample_00002.json").exists()
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["written"] == index["composition"]
+    assert (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns == stamp
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "wrote 0 new volumes" in r.stdout, r.stdout
-    assert (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns == stamp
     # another guidance weight into the same folder would mix two sets: refused, nothing written
     r = subprocess.run(cmd + ["--guidance", "2.0"], capture_output=True, text=True)
     assert r.returncode != 0 and "other settings (guidance)" in r.stderr, r.stderr[-500:]

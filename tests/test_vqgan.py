@@ -223,8 +223,13 @@ def test_resume_equals_uninterrupted(tmp_path, masked_prep):
     assert r.returncode == 0, r.stderr
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "b", "--steps", "4"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = tmp_path / "b" / f".ckpt.pt.{dead.pid}.tmp.pt"  # what a kill -9 during a save leaves
+    torn.write_bytes(b"half a checkpoint")
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "b", "--steps", "8"), capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout and "at step 4" in r.stdout, r.stderr
+    assert not torn.exists()
     a, b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
     assert [row["step"] for row in b] == [str(s) for s in range(1, 9)]
     keys = ["l1", "commitment", "g_image", "g_volume", "feat_match", "locality", "d_loss", "perplexity"]
