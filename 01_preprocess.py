@@ -69,7 +69,7 @@ def get_args(argv=None):
                           "central window")
     src.add_argument("--totalseg", type=Path, default=None,
                      help="TotalSegmentator folder of subjects (ct.nii.gz + segmentations/<organ>.nii.gz "
-                          "or a multi-label seg.nii.gz); replaces --images/--labels")
+                          "or a multi-label seg.nii.gz), or one subject's folder; replaces --images/--labels")
     src.add_argument("--dataset", choices=sorted(PRESETS), default=None,
                      help="preset spacing and label map (default: totalseg with --totalseg, else abdomenct1k)")
     src.add_argument("--label-map", default=None,
@@ -150,7 +150,8 @@ def find_cases(args):
         if not args.totalseg.is_dir():
             raise SystemExit(f"error: --totalseg {args.totalseg}: no such folder")
         cases = []
-        for d in sorted(p for p in args.totalseg.iterdir() if p.is_dir() and (p / "ct.nii.gz").exists()):
+        subjects = [args.totalseg] if (args.totalseg / "ct.nii.gz").is_file() else sorted(args.totalseg.iterdir())
+        for d in [p for p in subjects if p.is_dir() and (p / "ct.nii.gz").exists()]:
             ml = [d / n for n in ("seg.nii.gz", "segmentations.nii.gz") if (d / n).is_file()]
             label, kind = (ml[0], "file") if ml else ((d / "segmentations", "totalseg_dir") if (d / "segmentations").is_dir() else (d, "missing"))
             cases.append({"case": d.name, "image": d / "ct.nii.gz", "label": label, "label_kind": kind})

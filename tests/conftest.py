@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo on sys.path, the ../shared data folder, small phantom sets."""
+"""Shared fixtures: the repo on sys.path, the real CT in tests/data, the release's masks, small phantom sets."""
 import shutil
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared"
+SHARED = REPO.parent / "shared"  # the release's masks, until they ship in tests/data
+TEST_DATA = REPO / "tests" / "data"
 
 from common import load_stage  # noqa: E402
 
@@ -23,6 +24,12 @@ def shared_data():
     if not d.is_dir():
         pytest.skip(f"{d} is absent (CI and developers have ../shared beside the repo)")
     return d
+
+
+@pytest.fixture(scope="session")
+def totalseg_example():
+    """TotalSegmentator's example CT and segmentation (Apache-2.0; tests/data/README.md)."""
+    return TEST_DATA / "totalseg_example_ct_sm"
 
 
 @pytest.fixture(scope="session")

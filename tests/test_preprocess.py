@@ -134,10 +134,10 @@ def test_outputs_overlay_the_source_scan(tmp_path, prep, small_raw):
 
 
 # --------------------------------------------------------------------------- the real CT
-def _example_subject(shared_data, root, per_organ):
+def _example_subject(totalseg_example, root, per_organ):
     subj = root / "example"
     (subj / "segmentations").mkdir(parents=True) if per_organ else subj.mkdir(parents=True)
-    src = shared_data / "totalseg_example_ct_sm"
+    src = totalseg_example
     os.symlink(src / "ct.nii.gz", subj / "ct.nii.gz")
     if not per_organ:
         os.symlink(src / "seg.nii.gz", subj / "seg.nii.gz")
@@ -149,8 +149,8 @@ def _example_subject(shared_data, root, per_organ):
     return subj
 
 
-def test_real_totalsegmentator_ct(tmp_path, prep, shared_data):
-    _example_subject(shared_data, tmp_path / "ts", per_organ=False)
+def test_real_totalsegmentator_ct(tmp_path, prep, totalseg_example):
+    _example_subject(totalseg_example, tmp_path / "ts", per_organ=False)
     out = tmp_path / "prep"
     run(prep, ["--totalseg", tmp_path / "ts", "--out", out, "--workers", "1"])
     rec = json.loads((out / "summary.json").read_text())["cases"][0]
@@ -161,7 +161,7 @@ def test_real_totalsegmentator_ct(tmp_path, prep, shared_data):
     assert x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
     np.testing.assert_allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [1.1, 1.1, 1.5])
     assert set(np.unique(y)) == {0, 1, 2, 3, 4}, "TotalSegmentator ids mapped to liver/kidney/spleen/pancreas"
-    src = nib.load(shared_data / "totalseg_example_ct_sm" / "seg.nii.gz")
+    src = nib.load(totalseg_example / "seg.nii.gz")
     s = np.asarray(src.dataobj)
     assert rec["windows"][0]["organ_fraction_in_window"] > 0.9, "the pancreas is inside the window"
     # Same organ, same place in the world (source voxels are 3 mm). The pancreas lies inside
@@ -173,10 +173,15 @@ def test_real_totalsegmentator_ct(tmp_path, prep, shared_data):
     assert (out / "previews" / "example.png").exists()
 
     # TotalSegmentator's per-organ folder layout gives the same labels.
-    _example_subject(shared_data, tmp_path / "ts2", per_organ=True)
+    _example_subject(totalseg_example, tmp_path / "ts2", per_organ=True)
     run(prep, ["--totalseg", tmp_path / "ts2", "--out", tmp_path / "prep2", "--workers", "1", "--no-previews"])
     y2 = np.asarray(nib.load(tmp_path / "prep2" / "labels" / "example.nii.gz").dataobj)
     np.testing.assert_array_equal(y, y2)
+    # --totalseg may name one subject's folder (as with a single downloaded example) as well as the dataset's
+    run(prep, ["--totalseg", tmp_path / "ts2" / "example", "--out", tmp_path / "prep3", "--workers", "1",
+               "--no-previews"])
+    y3 = np.asarray(nib.load(tmp_path / "prep3" / "labels" / "example.nii.gz").dataobj)
+    np.testing.assert_array_equal(y, y3)
 
 
 def test_totalseg_require_organs_filter(tmp_path, prep, small_raw):
@@ -340,7 +345,7 @@ def test_refuses_output_inside_the_input(tmp_path, small_raw):
 
 
 def test_default_layout_end_to_end(tmp_path):
-    """`python 00_phantoms.py` then `python 01_preprocess.py`, no paths given (DEVELOPERS.md layout)."""
+    """`python 00_phantoms.py` then `python 01_preprocess.py`, no paths given (the README's layout)."""
     r = cli("00_phantoms.py", "--n", "3", "--previews", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = cli("01_preprocess.py", "--workers", "2", cwd=tmp_path)
