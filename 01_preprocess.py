@@ -150,7 +150,8 @@ def find_cases(args):
         if not args.totalseg.is_dir():
             raise SystemExit(f"error: --totalseg {args.totalseg}: no such folder")
         cases = []
-        subjects = [args.totalseg] if (args.totalseg / "ct.nii.gz").is_file() else sorted(args.totalseg.iterdir())
+        one_subject = (args.totalseg / "ct.nii.gz").is_file()  # a subject's folder, or a dataset of them
+        subjects = [args.totalseg] if one_subject else sorted(args.totalseg.iterdir())
         for d in [p for p in subjects if p.is_dir() and (p / "ct.nii.gz").exists()]:
             ml = [d / n for n in ("seg.nii.gz", "segmentations.nii.gz") if (d / n).is_file()]
             label, kind = (ml[0], "file") if ml else ((d / "segmentations", "totalseg_dir") if (d / "segmentations").is_dir() else (d, "missing"))
