@@ -43,9 +43,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (ArgumentParser, args_record, at_least, check_resume, checkpoint_parts, csv_logger,
-                    file_fingerprint, load_checkpoint, peak_memory_gb, positive, prepare_out, print0,
+                    load_checkpoint, peak_memory_gb, positive, prepare_out, print0,
                     read_nifti, read_split, run_stage, save_checkpoint, save_json, save_preview, soft_tissue,
-                    start_run, teardown_distributed, xyz_to_dhw)
+                    start_run, teardown_distributed, training_data_record, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -582,9 +582,7 @@ def main(args):
     if train is None:
         raise SystemExit(f"error: no training volume with a mask in {args.prep}: run 02_masks.py first")
     # what this run trains on, so that a resume on other data (or a redone 01/02) is refused
-    args.data = {"prep": str(args.prep.resolve()), "train": split["train"],
-                 **{k: file_fingerprint(args.prep / k) for k in ("config.json", "masks/config.json")
-                    if (args.prep / k).is_file()}}
+    args.data = training_data_record(args.prep, split["train"])
     vols, boxes, has_box = train
     # The training set stays in memory; on the GPU too when it fits easily (no loader, no copies per step).
     on_gpu = device.type == "cuda" and vols.numel() * 2 < 0.25 * torch.cuda.mem_get_info(device)[0]

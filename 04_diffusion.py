@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (ArgumentParser, args_record, at_least, check_resume, checkpoint_parts, csv_logger,
                     file_fingerprint, in_range, load_checkpoint, load_stage, peak_memory_gb, positive,
                     prepare_out, print0, read_nifti, read_split, run_stage, save_checkpoint, save_preview,
-                    soft_tissue, start_run, teardown_distributed, xyz_to_dhw)
+                    soft_tissue, start_run, teardown_distributed, training_data_record, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -564,9 +564,7 @@ def main(args):
     if not split["train"]:
         raise SystemExit(f"error: no training volume with a mask in {args.prep}: run 02_masks.py first")
     # what this run trains on: a resume with another VQ-GAN or other data is refused, and 05 checks the VQ-GAN
-    args.data = {"prep": str(args.prep.resolve()), "train": split["train"],
-                 **{k: file_fingerprint(args.prep / k) for k in ("config.json", "masks/config.json")
-                    if (args.prep / k).is_file()}}
+    args.data = training_data_record(args.prep, split["train"])
     args.vqgan_sha1 = file_fingerprint(args.vqgan)
     step, ckpt_path, ck = 0, args.out / "ckpt.pt", None
     if ckpt_path.exists() and not args.fresh:  # checked before anything in --out is rebuilt

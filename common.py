@@ -230,6 +230,17 @@ def read_split(prep, masks=False):
     return split
 
 
+def training_data_record(prep, names):
+    """What a training run (03, 04) records of its data, so a resume on other data is refused: the
+    --prep folder, the training volumes, and the sha1 of 01's and 02's settings."""
+    prep = Path(prep)
+    record = {"prep": str(prep.resolve()), "train": list(names)}
+    for k in ("config.json", "masks/config.json"):
+        if (prep / k).is_file():
+            record[k] = file_fingerprint(prep / k)
+    return record
+
+
 def check_masks_current(prep):
     """Exit with one line if prep/masks (02) was made from another run of 01 than prep holds now
     (02 records the sha1 of 01's config.json): 03-06 would pair new volumes with old masks."""

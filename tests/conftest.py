@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo on sys.path, the real CT in tests/data, the release's masks, small phantom sets."""
+"""Shared fixtures: the repo on sys.path, the real CT in tests/data, the release's masks, small
+phantom sets."""
 import shutil
 import subprocess
 import sys
