@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from common import (ArgumentParser, at_least, check_order, file_fingerprint, in_range, prepare_out, run_stage,
-                    save_json, save_preview, write_nifti, xyz_to_dhw)
+from common import (ArgumentParser, at_least, check_order, file_fingerprint, in_range, prepare_out,
+                    run_stage, save_json, save_preview, write_nifti, xyz_to_dhw)
 
 LIVER, KIDNEY, SPLEEN, PANCREAS, TUMOUR = 1, 2, 3, 4, 5
 MANIFEST = "phantoms.json"

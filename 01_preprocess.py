@@ -37,16 +37,14 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import (DISK_ERRNOS, ArgumentParser, at_least, case_id, check_order, guard_settings, in_range,
-                    inputs_fingerprint, prepare_out, read_nifti, run_stage, save_json, save_preview,
-                    soft_tissue, spacing_of, write_nifti, xyz_to_dhw)
+from common import (DISK_ERRNOS, LABEL_NAMES, ORGANS, ArgumentParser, at_least, case_id, check_order,
+                    guard_settings, in_range, inputs_fingerprint, prepare_out, read_nifti, run_stage,
+                    save_json, save_preview, soft_tissue, spacing_of, write_nifti, xyz_to_dhw)
 
 PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (REFERENCE.md §1)
     "abdomenct1k": {"spacing": (1.6, 1.6, 2.3), "label_map": None},
     "totalseg": {"spacing": (1.1, 1.1, 1.5), "label_map": "5:1,2:2,3:2,1:3,7:4"},
 }
-ORGANS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4, "tumour": 5}
-ORGAN_NAME = {v: k for k, v in ORGANS.items()}
 # TotalSegmentator v2 ids of the abdominal organs, to combine its per-organ files
 # (subject/segmentations/<name>.nii.gz) into one label map in the v2 id space.
 TOTALSEG_V2 = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5, "stomach": 6,
@@ -378,7 +376,7 @@ def _process(spec, cfg, warnings):
 
     if lab is not None:  # the paper's TotalSegmentator filter (off unless --require-organs)
         for organ in cfg["require_organs"]:
-            name = f"{ORGAN_NAME.get(organ, 'label')} (label {organ})"
+            name = f"{LABEL_NAMES.get(organ, 'label')} (label {organ})"
             zs = np.flatnonzero(np.any(lab == organ, axis=(0, 1)))
             if len(zs) == 0:
                 raise CaseError(f"dropped: missing required organ {name}")
@@ -395,7 +393,7 @@ def _process(spec, cfg, warnings):
             warnings.append(f"labels {sorted(lost)} vanished in resampling (structures smaller than a voxel)")
         counts = np.count_nonzero(lab == cfg["organ"], axis=(0, 1))
         if counts.sum() == 0:
-            raise CaseError(f"organ label {cfg['organ']} ({ORGAN_NAME.get(cfg['organ'], '?')}) is not in the label map")
+            raise CaseError(f"organ label {cfg['organ']} ({LABEL_NAMES.get(cfg['organ'], '?')}) is not in the label map")
         starts = choose_windows(counts, depth, cfg["windows"], cfg["window_stride"])
     else:
         counts, starts = None, choose_windows(np.zeros(n_out[2], int), depth)

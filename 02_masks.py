@@ -47,9 +47,10 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from common import (ArgumentParser, at_least, choose_precision, file_fingerprint, guard_settings,
+from common import (MASK_NAMES, ArgumentParser, at_least, choose_precision, file_fingerprint, guard_settings,
                     inputs_fingerprint, load_checkpoint, pick_device, prepare_out, read_nifti, read_split,
-                    run_stage, save_json, save_preview, seed_everything, soft_tissue, write_nifti, xyz_to_dhw)
+                    run_stage, save_json, save_preview, seed_everything, soft_tissue, write_nifti,
+                    xyz_to_dhw)
 
 UNIVERSEG_URL = "https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt"
 POSITIVE_FRACTION = 0.75  # share of support slices that contain the label ("mostly")
@@ -413,7 +414,7 @@ def main(args):
                 rows.append((img, mask_from_labels(lab, args.organ, args.tumour), "labels"))
             sp = np.sqrt((aff[:3, :3] ** 2).sum(0))
             save_preview(out / "previews" / f"{name}.png", [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                         spacing=(sp[2], sp[1], sp[0]), vrange=soft_tissue(args.prep))
+                         spacing=(sp[2], sp[1], sp[0]), vrange=soft_tissue(args.prep), names=MASK_NAMES)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         save_json(rec, out / "cases" / f"{name}.json")
         records.append(rec)

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (ArgumentParser, args_record, at_least, check_resume, checkpoint_parts, csv_logger,
-                    load_checkpoint, peak_memory_gb, positive, prepare_out, print0,
-                    read_nifti, read_split, run_stage, save_checkpoint, save_json, save_preview, soft_tissue,
-                    start_run, teardown_distributed, training_data_record, xyz_to_dhw)
+from common import (ArgumentParser, args_record, at_least, bar, check_resume, checkpoint_parts, csv_logger,
+                    eta, first_step_line, load_checkpoint, peak_memory_gb, positive, prepare_out, print0,
+                    read_nifti, read_split, run_stage, save_checkpoint, save_json, save_preview, sizing_note,
+                    soft_tissue, start_run, teardown_distributed, training_data_record, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -565,6 +565,22 @@ def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
 
 
 # --------------------------------------------------------------------------- main
+CPU_SIZED = ("64×64×16 volumes (01 --size 64 --depth 16 --spacing 4 4 4.6), --n-hiddens 8 --num-groups 8 "
+             "--n-codes 512 --disc-channels 16 --perceptual-weight 0 --steps 300 --disc-start 200")
+
+
+def gpu_sized(shape, args):
+    """The settings that make a run GPU-sized (the paper's are): large volumes, a wide model, many steps."""
+    big = []
+    if shape[1] * shape[2] >= 128 * 128:
+        big.append("×".join(map(str, shape)) + " volumes")
+    if args.n_hiddens >= 16:
+        big.append(f"--n-hiddens {args.n_hiddens}")
+    if args.steps > 5000:
+        big.append(f"--steps {args.steps}")
+    return ", ".join(big)
+
+
 # settings a resumed run must share with its checkpoint (--steps may grow, logging may change)
 RESUME_KEYS = ("data", "lr", "batch_size", "l1_weight", "perceptual_weight", "image_gan_weight",
                "volume_gan_weight", "gan_feat_weight", "disc_start", "lambda_loc", "grad_clip", "seed",
@@ -640,19 +656,21 @@ def main(args):
         with torch.no_grad():  # preview: first sample of the last batch, box drawn
             b = box_mask(bx[:1], shape)[0, 0].cpu().numpy().astype(np.uint8)
             save_preview(out / "previews" / f"step{step:07d}.png", [(x[0, 0] + 1) / 2, (x_rec[0, 0].float().clamp(-1, 1) + 1) / 2],
-                         [b, b], ["input", f"reconstruction, step {step}"], vrange=soft_tissue(args.prep))
+                         [b, b], ["input", f"reconstruction, step {step}"], vrange=soft_tissue(args.prep),
+                         names={1: "organ box"})
 
     print0(f"VQ-GAN {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params (encoder "
            f"{sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M, decoder "
            f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M); {n_train} training volumes "
            f"{shape}{' on the GPU' if on_gpu else ''}; {world} process(es) on {device}, {prec.name}; "
            f"batch {args.batch_size}×{world}, lr {args.lr}, λ_loc {args.lambda_loc}")
+    sizing_note(device, gpu_sized(shape, args), CPU_SIZED)
     log_path = out / "log.csv"
     fields = ["step", "l1", "commitment", "perceptual", "g_image", "g_volume", "feat_match", "locality", "d_loss",
               "perplexity", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
     log_row = csv_logger(log_path, fields, start_step=step, enabled=rank == 0)
     sums = torch.zeros(len(fields) - 4, device=device)
-    t_last, n_last, x = time.perf_counter(), step, None
+    t_last, n_last, x, first = time.perf_counter(), step, None, step + 1  # first: the step that gets a timing line
     model_t.train(), d2_t.train(), d3_t.train()
     while step < args.steps:
         idx = torch.randint(n_train, (args.batch_size,), generator=gen, device=home)
@@ -662,7 +680,8 @@ def main(args):
         x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, bx, hb, gan_on, args)
         step += 1
         sums += stats
-
+        if step == first:
+            first_step_line(device, t_last, step, args.steps, args.log_every)
         if step % args.log_every == 0 or step == args.steps:  # the only host syncs: once per interval
             vals = (sums / (step - n_last)).tolist()
             dt = time.perf_counter() - t_last
@@ -672,7 +691,7 @@ def main(args):
             log_row(row)
             print0(f"step {step:>7} | l1 {vals[0]:.4f} commit {vals[1]:.4f} perc {vals[2]:.4f} g {vals[3]:.3f}/{vals[4]:.3f} "
                    f"feat {vals[5]:.4f} loc {vals[6]:.4f} d {vals[7]:.3f} | perplexity {vals[8]:.1f} | "
-                   f"{ms:.0f} ms/step, {vps:.2f} vol/s, peak {row[-1]:.2f} GB")
+                   f"{ms:.0f} ms/step, {vps:.2f} vol/s, peak {row[-1]:.2f} GB, {eta(ms, args.steps - step)}")
             sums.zero_()
             t_last, n_last = time.perf_counter(), step
         if step % args.save_every == 0 or step == args.steps:
@@ -702,7 +721,7 @@ def evaluate(model, prep, names, out, device, prec):
     model.eval()
     vols, boxes, has_box = test
     rows = []
-    for name, v, b, h in zip(names, vols, boxes, has_box):
+    for name, v, b, h in bar(zip(names, vols, boxes, has_box), total=len(names), desc="test volumes"):
         x = v[None].to(device).float()
         with prec.autocast():
             rec = model(x * 2 - 1)[0].float()

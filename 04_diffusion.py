@@ -35,7 +35,6 @@ Where we differ from the authors' release, on purpose (REFERENCE.md §3):
     torchrun --nproc_per_node 2 04_diffusion.py --batch-size 10
     python 04_diffusion.py --cond none --out runs/diffusion_v0   # Medical Diffusion (V0)
 """
-import contextlib
 import copy
 import math
 import os
@@ -51,10 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (ArgumentParser, args_record, at_least, check_resume, checkpoint_parts, csv_logger,
-                    file_fingerprint, in_range, load_checkpoint, load_stage, peak_memory_gb, positive,
-                    prepare_out, print0, read_nifti, read_split, run_stage, save_checkpoint, save_preview,
-                    soft_tissue, start_run, teardown_distributed, training_data_record, xyz_to_dhw)
+from common import (MASK_NAMES, ArgumentParser, args_record, at_least, bar, check_resume, checkpoint_parts,
+                    csv_logger, eta, file_fingerprint, first_step_line, in_range, load_checkpoint,
+                    load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti, read_split,
+                    run_stage, save_checkpoint, save_preview, sizing_note, soft_tissue, start_run,
+                    teardown_distributed, training_data_record, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -90,8 +90,9 @@ def get_args(argv=None):
     t.add_argument("--device", default="auto")
     t.add_argument("--log-every", type=at_least(1), default=50)
     t.add_argument("--save-every", type=at_least(1), default=1000, help="checkpoint + preview samples")
-    t.add_argument("--n-preview", type=at_least(0), default=2,
-                   help="EMA samples per preview (held-out masks); 0 = none")
+    t.add_argument("--n-preview", type=at_least(0), default=None,
+                   help="EMA samples per preview (held-out masks), DDIM; default 2 on a GPU, 0 on a CPU")
+    t.add_argument("--preview-steps", type=at_least(1), default=50, help="DDIM steps of a preview")
     t.add_argument("--preview-guidance", type=at_least(0.0, float), default=1.0,
                    help="w of Eq. 4 for the previews")
     t.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1),
@@ -451,16 +452,38 @@ def guided_eps(denoiser, z, t, cond_inputs, w):
     return (1 + w) * eps_c - w * eps_u
 
 
+def per_sample_noise(generators, shape, device):
+    """Noise for a batch drawn sample by sample, each from its own generator: a sample's
+    trajectory does not depend on its batch-mates."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+
+
 @torch.no_grad()
-def ddpm_sample(diffusion, denoiser, shape, cond_inputs, w=1.0, generator=None, device="cpu", precision=None):
-    """Ancestral sampling over all T steps (the paper's sampler), classifier-free guided."""
-    z = torch.randn(shape, device=device, generator=generator)
-    for i in reversed(range(diffusion.T)):
+def sample_latents(diffusion, denoiser, cond, shape, w, sampler, steps, generators, device, precision, desc=None):
+    """DDPM (ancestral, all T steps) or DDIM (deterministic, `steps` steps, η = 0), guided by Eq. 4."""
+    z = per_sample_noise(generators, shape, device)
+    ts = list(reversed(range(diffusion.T))) if sampler == "ddpm" else \
+        sorted(set(np.linspace(0, diffusion.T - 1, steps).round().astype(int).tolist()), reverse=True)
+    for k, i in enumerate(bar(ts, desc=desc, unit="step")):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        with precision.autocast() if precision else contextlib.nullcontext():
-            eps = guided_eps(denoiser, z, t, cond_inputs, w).float()
-        z = diffusion.p_step(z, t, eps, torch.randn(shape, device=device, generator=generator))
+        with precision.autocast():
+            eps = guided_eps(denoiser, z, t, cond, w).float()
+        if sampler == "ddpm":
+            z = diffusion.p_step(z, t, eps, per_sample_noise(generators, shape, device))
+        else:
+            z = ddim_step(diffusion, z, t, eps, ts[k + 1] if k + 1 < len(ts) else -1)
     return z
+
+
+def ddim_step(diffusion, z, t, eps, t_prev):
+    """DDIM (Song et al. 2021), η = 0: x̂0 (clipped), ε recomputed from it, then z at t_prev."""
+    ab = diffusion._at(diffusion.alphas_cumprod, t, z)
+    x0 = diffusion.predict_x0(z, t, eps).clamp(-1, 1)
+    if t_prev < 0:
+        return x0
+    eps = (z - ab.sqrt() * x0) / (1 - ab).sqrt()
+    ab_prev = diffusion.alphas_cumprod[t_prev]
+    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
 
 
 # --------------------------------------------------------------------------- latents (cached)
@@ -482,7 +505,7 @@ def from_unit(z, lo, hi):
 def encode_all(vqgan, arrays, device, batch=4):
     """(N, D, H, W) arrays -> pre-quantisation latents (N, C, d, h, w) on the CPU."""
     out = []
-    for i in range(0, len(arrays), batch):
+    for i in bar(range(0, len(arrays), batch), desc="encode"):
         x = torch.as_tensor(np.stack(arrays[i:i + batch]))[:, None].float().to(device)
         out.append(vqgan.encode(x, quantize=False).float().cpu())
     return torch.cat(out)
@@ -500,7 +523,8 @@ def build_cache(args, names, vqgan, device):
             print0(f"latent cache {path} is current ({len(names)} volumes)")
             return cache
     t0 = time.perf_counter()
-    vols = [xyz_to_dhw(read_nifti(args.prep / "images" / f"{n}.nii.gz")[0]) * 2 - 1 for n in names]
+    print0(f"building the latent cache: {len(names)} volumes and masks through the VQ-GAN, Betti vectors (once)")
+    vols = [xyz_to_dhw(read_nifti(args.prep / "images" / f"{n}.nii.gz")[0]) * 2 - 1 for n in bar(names, desc="read")]
     masks = []
     for n in names:
         mp = args.prep / "masks" / f"{n}.nii.gz"
@@ -508,7 +532,7 @@ def build_cache(args, names, vqgan, device):
             raise SystemExit(f"error: {mp} not found: run 02_masks.py first")
         masks.append(xyz_to_dhw(read_nifti(mp, None)[0]))
     with ProcessPoolExecutor(max(1, min(args.workers, len(masks)))) as pool:
-        betti = torch.from_numpy(np.stack(list(pool.map(betti_vector, masks))))
+        betti = torch.from_numpy(np.stack(list(bar(pool.map(betti_vector, masks), total=len(masks), desc="Betti"))))
     lo, hi = latent_scale(vqgan)
     cache = {"key": key, "names": names, "scale": [lo, hi],
              "latents": to_unit(encode_all(vqgan, vols, device), lo, hi),
@@ -548,6 +572,21 @@ def ema_update(ema_params, params, step, start, every, decay):
 
 
 # --------------------------------------------------------------------------- main
+CPU_SIZED = "a VQ-GAN trained on 64×64×16 volumes, --dim 16 --attn-heads 4 --attn-dim-head 16 --batch-size 8 --steps 1600"
+
+
+def gpu_sized(latent_shape, depth, args):
+    """The settings that make a run GPU-sized (the paper's are): large latents, a wide U-Net, many steps."""
+    big = []
+    if latent_shape[-1] * latent_shape[-2] >= 32 * 32:
+        big.append("latents " + "×".join(map(str, latent_shape)) + f" of {depth}-slice volumes")
+    if args.dim >= 64:
+        big.append(f"--dim {args.dim}")
+    if args.steps > 5000:
+        big.append(f"--steps {args.steps}")
+    return ", ".join(big)
+
+
 # settings a resumed run must share with its checkpoint (--steps may grow, logging and previews may change)
 RESUME_KEYS = ("data", "vqgan_sha1", "timesteps", "p_uncond", "lr", "batch_size", "grad_accum", "ema_decay",
                "ema_every", "ema_start", "seed", "precision")
@@ -597,6 +636,10 @@ def main(args):
         print0(f"resumed from {ckpt_path} at step {step}")
     model_t = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     model_t = torch.compile(model_t) if args.compile else model_t
+    if args.n_preview is None:  # a preview costs minutes at the paper's size on a CPU: asked for there
+        args.n_preview = 2 if device.type == "cuda" else 0
+        if rank == 0 and device.type == "cpu":
+            print("previews skipped on the CPU (--n-preview 2 draws two at each save)")
     test_names = split["test"][: args.n_preview]
 
     def save(step):
@@ -618,20 +661,24 @@ def main(args):
 
     @torch.no_grad()
     def preview(step):  # EMA samples conditioned on held-out masks, decoded, mask outlined
-        g = torch.Generator(device=device).manual_seed(0)
-        z = ddpm_sample(diffusion, ema, (len(masks), *latent_shape), cond, args.preview_guidance, g, device, prec)
+        gens = [torch.Generator().manual_seed(i) for i in range(len(masks))]
+        z = sample_latents(diffusion, ema, cond, (len(masks), *latent_shape), args.preview_guidance, "ddim",
+                           args.preview_steps, gens, device, prec, desc=f"preview, step {step}")
         vols = ((vqgan.decode(from_unit(z, lo, hi), quantize=True).float().clamp(-1, 1) + 1) / 2)[:, 0]
         save_preview(args.out / "previews" / f"step{step:07d}.png", list(vols), masks,
-                     [f"{n} mask, w={args.preview_guidance}" for n in test_names], vrange=soft_tissue(args.prep))
+                     [f"{n} mask, w={args.preview_guidance}, DDIM-{args.preview_steps}" for n in test_names], vrange=soft_tissue(args.prep),
+                     names=MASK_NAMES)
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); {n_train} latents "
            f"{latent_shape}; {world} process(es) on {device}, {prec.name}; batch {args.batch_size}×{world}×{args.grad_accum}, "
            f"lr {args.lr}, p_uncond {args.p_uncond}")
+    sizing_note(device, gpu_sized(latent_shape, depth, args), CPU_SIZED)
     log_path = args.out / "log.csv"
     log_row = csv_logger(log_path, ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"],
                          start_step=step, enabled=rank == 0)
     loss_sum, t_last, n_last = torch.zeros((), device=device), time.perf_counter(), step
+    first = step + 1  # the step that gets a timing line
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
     while step < args.steps:
@@ -639,13 +686,16 @@ def main(args):
                                args.p_uncond, gen)
         step += 1
         ema_update(ema_params, params, step, args.ema_start, args.ema_every, args.ema_decay)
+        if step == first:
+            first_step_line(device, t_last, step, args.steps, args.log_every)
         if step % args.log_every == 0 or step == args.steps:
             dt = time.perf_counter() - t_last
             loss_v = loss_sum.item() / (step - n_last)
             ms, vps = 1000 * dt / (step - n_last), (step - n_last) * args.batch_size * args.grad_accum * world / dt
             row = [step, loss_v, ms, vps, peak_memory_gb(device)]
             log_row(row)
-            print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, peak {row[-1]:.2f} GB")
+            print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, peak {row[-1]:.2f} GB, "
+                   f"{eta(ms, args.steps - step)}")
             loss_sum.zero_()
             t_last, n_last = time.perf_counter(), step
         if step % args.save_every == 0 or step == args.steps:

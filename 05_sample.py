@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common import (ArgumentParser, at_least, check_order, dhw_to_xyz, file_fingerprint, guard_settings,
-                    in_range, load_stage, positive, prepare_out, print0, read_nifti, read_split, run_stage,
-                    save_json, save_preview, soft_tissue, start_run, teardown_distributed, write_nifti,
-                    xyz_to_dhw)
+from common import (eta, sizing_note, MASK_NAMES, ArgumentParser, at_least, check_order, dhw_to_xyz, file_fingerprint,
+                    guard_settings, in_range, load_stage, positive, prepare_out, print0, read_nifti,
+                    read_split, run_stage, save_json, save_preview, soft_tissue, start_run,
+                    teardown_distributed, write_nifti, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -148,41 +148,6 @@ def condition_plan(names, n_original, n_augmented):
     return plan
 
 
-# --------------------------------------------------------------------------- sampling
-def per_sample_noise(generators, shape, device):
-    """Noise for a batch drawn sample by sample, each from its own generator: a sample's
-    trajectory does not depend on its batch-mates."""
-    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
-
-
-@torch.no_grad()
-def sample_latents(dm, diffusion, denoiser, cond, shape, w, sampler, steps, generators, device, precision):
-    """DDPM (ancestral, all T steps) or DDIM (deterministic, `steps` steps, η = 0), guided by Eq. 4."""
-    z = per_sample_noise(generators, shape, device)
-    ts = list(reversed(range(diffusion.T))) if sampler == "ddpm" else \
-        sorted(set(np.linspace(0, diffusion.T - 1, steps).round().astype(int).tolist()), reverse=True)
-    for k, i in enumerate(ts):
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        with precision.autocast():
-            eps = dm.guided_eps(denoiser, z, t, cond, w).float()
-        if sampler == "ddpm":
-            z = diffusion.p_step(z, t, eps, per_sample_noise(generators, shape, device))
-        else:
-            z = ddim_step(diffusion, z, t, eps, ts[k + 1] if k + 1 < len(ts) else -1)
-    return z
-
-
-def ddim_step(diffusion, z, t, eps, t_prev):
-    """DDIM (Song et al. 2021), η = 0: x̂0 (clipped), ε recomputed from it, then z at t_prev."""
-    ab = diffusion._at(diffusion.alphas_cumprod, t, z)
-    x0 = diffusion.predict_x0(z, t, eps).clamp(-1, 1)
-    if t_prev < 0:
-        return x0
-    eps = (z - ab.sqrt() * x0) / (1 - ab).sqrt()
-    ab_prev = diffusion.alphas_cumprod[t_prev]
-    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
-
-
 # --------------------------------------------------------------------------- main
 def main(args):
     dist_, prec = start_run(args.device, args.precision, args.seed)
@@ -236,6 +201,9 @@ def main(args):
            f"{len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
            f"condition '{ck['model_kwargs']['extractor_kwargs']['mode']}', on {device} ({prec.name})")
+    if latent_shape[-1] * latent_shape[-2] >= 32 * 32:  # the paper's latents are 8×8×64×64
+        sizing_note(device, "×".join(map(str, latent_shape)) + f" latents, {args.sampler}",
+                    "the checkpoints of `make demo` (8×4×16×16 latents), --sampler ddim --steps 50")
     n_new, t0 = 0, time.perf_counter()
     for b in range(0, len(todo), args.batch_size):
         batch = todo[b:b + args.batch_size]
@@ -255,8 +223,8 @@ def main(args):
             gens.append(torch.Generator().manual_seed(int(np.random.default_rng([args.seed, i, 2]).integers(2**62))))
         mask_latent = dm.encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device)
         betti = torch.from_numpy(np.stack([dm.betti_vector(m) for m in masks])).to(device)
-        z = sample_latents(dm, diffusion, denoiser, (mask_latent, betti), (len(batch), *latent_shape), args.guidance,
-                           args.sampler, args.steps, gens, device, prec)
+        z = dm.sample_latents(diffusion, denoiser, (mask_latent, betti), (len(batch), *latent_shape), args.guidance,
+                              args.sampler, args.steps, gens, device, prec, desc=f"batch {b // args.batch_size + 1}")
         with torch.no_grad(), prec.autocast():
             vols = vqgan.decode(dm.from_unit(z, lo_z, hi_z), quantize=True).float()
         if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
@@ -269,7 +237,8 @@ def main(args):
             write_nifti(args.out / f"{sid}_mask.nii.gz", dhw_to_xyz(mask), affine, np.uint8)
             save_json(rec, args.out / f"{sid}.json")  # last: a sample is done when its record exists
         n_new += len(batch)
-        print0(f"{n_new}/{len(todo)} new samples, {(time.perf_counter() - t0) / n_new:.2f} s/volume")
+        per_volume = (time.perf_counter() - t0) / n_new
+        print0(f"{n_new}/{len(todo)} new samples, {per_volume:.2f} s/volume, {eta(1000 * per_volume, len(todo) - n_new)}")
     if world > 1:
         torch.distributed.barrier()  # every rank's samples are written before rank 0 indexes them
     if rank == 0:
@@ -282,7 +251,8 @@ def main(args):
             vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo) for s in shown]
             ms = [xyz_to_dhw(read_nifti(args.out / f"{s}_mask.nii.gz", None)[0]) for s in shown]
             centres = [np.argwhere(m > 0).mean(0) if (m > 0).any() else None for m in ms]  # through the organ
-            save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep), centres=centres)
+            save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep), centres=centres,
+                         names=MASK_NAMES)
         dt = time.perf_counter() - t0
         print0(f"wrote {n_new} new volumes (+ masks) to {args.out}/ ({dt / max(n_new, 1):.2f} s/volume); "
                f"the set holds {counts['original']} on original and {counts['augmented']} on augmented masks "

@@ -54,9 +54,9 @@ from scipy import linalg, ndimage
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from common import (ArgumentParser, at_least, atomic_path, check_masks_current, in_range, load_stage, pick_device,
-                    prepare_out, read_nifti, read_split, run_stage, save_figure, save_json, seed_everything,
-                    xyz_to_dhw)
+from common import (bar, first_step_line, sizing_note, ArgumentParser, at_least, atomic_path, check_masks_current, in_range, load_stage,
+                    pick_device, prepare_out, read_nifti, read_split, run_stage, save_figure, save_json,
+                    seed_everything, xyz_to_dhw)
 
 vqgan = load_stage("03_vqgan")  # mask_box
 
@@ -316,7 +316,7 @@ def features(model, volumes, batch_size=4):
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(volumes), batch_size):
+    for i in bar(range(0, len(volumes), batch_size), desc="features"):
         x = torch.as_tensor(volumes[i:i + batch_size]).to(device, torch.float32)
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"features expects (N, 1, D, H, W) volumes, got {tuple(x.shape)}")
@@ -464,7 +464,7 @@ def diversity(vols, pairs, rng, batch=8):
     total = 0.0
     with warnings.catch_warnings():  # short axes at the coarse scales are expected (see gaussian_filter)
         warnings.simplefilter("ignore")
-        for s in range(0, len(chosen), batch):
+        for s in bar(range(0, len(chosen), batch), desc="MS-SSIM pairs"):
             i, j = map(list, zip(*chosen[s:s + batch]))
             x, y = torch.from_numpy(vols[i])[:, None], torch.from_numpy(vols[j])[:, None]
             total += ms_ssim_3d(x, y, 1.0).sum().item()
@@ -494,7 +494,7 @@ def load_set(pairs, hu, shape=None):
     A file that cannot be read, or whose shape differs from `shape` (the real set's), is
     reported and skipped: one bad volume does not stop an evaluation."""
     names, vols, masks = [], [], []
-    for img, msk in pairs:
+    for img, msk in bar(pairs, desc="read"):
         try:
             arr = read_nifti(img, None)[0]
             vol = xyz_to_dhw(to_unit(np.asarray(arr), hu, img))
@@ -708,7 +708,8 @@ def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
     net = SegNet2D(width).to(device)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4, fused=torch.device(device).type == "cuda")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(steps, 1), pct_start=0.1)
-    for _ in range(steps):
+    t0 = time.perf_counter()
+    for step in bar(range(1, steps + 1), desc="fidelity probe"):
         idx = torch.randint(0, len(x), (batch,), generator=g, device=device)
         if half:
             idx[:half] = pos[torch.randint(0, len(pos), (half,), generator=g, device=device)]
@@ -727,6 +728,8 @@ def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
         loss.backward()
         opt.step()
         sched.step()
+        if step == 1:
+            first_step_line(device, t0, step, steps, steps, what="probe step")
     return net.eval()
 
 
@@ -824,6 +827,10 @@ def main(args):
     model, note = load_medicalnet(args.med3d_depth, args.med3d_weights, device)
     random_features = args.med3d_weights is None
     print(f"features: {note}")
+    if shape[1] * shape[2] >= 128 * 128 and args.med3d_depth >= 50:
+        sizing_note(device, f"ResNet-{args.med3d_depth} on {'×'.join(map(str, shape))} volumes, "
+                    f"{args.fidelity_steps} probe steps", "--med3d-depth 10 --fidelity-steps 300 --fidelity-width 8 "
+                    "on 64×64×16 volumes")
     wpath = Path(str(args.med3d_weights))
     wid = f"{wpath.resolve()}|{wpath.stat().st_size}" if wpath.is_file() else str(args.med3d_weights)
     wkey = hashlib.sha1(f"{args.med3d_depth}|{wid}".encode()).hexdigest()[:8]  # cache key: network + weights
@@ -847,6 +854,7 @@ def main(args):
     # --- one set at a time: features (holistic, localised), MS-SSIM, organ contrast, fidelity
     feats, feats_local, results = {}, {}, {}
     for name in ["real", *args.fake]:
+        print(f"[{name}] features, MS-SSIM, organ contrast" + (", mask fidelity" if test_masks else ""))
         t0 = time.perf_counter()
         if name == "real":
             pairs, vols, masks = real_pairs_, real, real_masks

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from common import (ArgumentParser, at_least, atomic_path, check_order, csv_logger, guard_settings, in_range,
+from common import (bar, eta, first_step_line, sizing_note, ArgumentParser, at_least, atomic_path, check_order, csv_logger, guard_settings, in_range,
                     load_checkpoint, load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti,
                     read_split, run_stage, save_checkpoint, save_figure, save_json, seed_everything,
                     start_run, xyz_to_dhw)
@@ -387,10 +387,10 @@ def load_sources(jobs, workers):
     out, cached, bad = {}, 0, 0
     keys = list(jobs)
     if workers <= 1:
-        results = [safe_load(jobs[k]) for k in keys]
+        results = [safe_load(jobs[k]) for k in bar(keys, desc="superpixels")]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(safe_load, [jobs[k] for k in keys]))
+            results = list(bar(pool.map(safe_load, [jobs[k] for k in keys]), total=len(keys), desc="superpixels"))
     for k, r in zip(keys, results):
         if isinstance(r, str):
             print(f"skipped: {r}")
@@ -541,7 +541,7 @@ def evaluate(model, support, queries, organs, args, prec):
             fs = features(model, s_img[pick], args.eval_batch, prec)                   # (chunks, C, h, w)
             fg = torch.from_numpy(np.isin(s_lab[pick], ids)).float()[:, None].to(fs.device)
             sup[organ] = (fs, F.interpolate(fg, fs.shape[-2:], mode="bilinear"))
-    for name, q_img, q_lab in queries:
+    for name, q_img, q_lab in bar(queries, desc="query volumes"):
         fq = features(model, q_img, args.eval_batch, prec)
         for organ, ids in organs.items():
             zq = np.nonzero(np.isin(q_lab, ids).any((1, 2)))[0]
@@ -612,12 +612,14 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
     t0, it0, t_start = time.perf_counter(), start, time.perf_counter()
     for it in range(start, args.iters):
         acc += train_step(model, data, gen, opt, sched, prec, ce_weight, args)
+        if it == start:
+            first_step_line(device, t0, it + 1, args.iters, args.log_every, what=f"[{tag}] iteration")
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
             lq, la = (acc / (it + 1 - it0)).tolist()                  # the one host sync per interval
             ms = (time.perf_counter() - t0) * 1000 / (it + 1 - it0)
             mem, lr = peak_memory_gb(device), sched.get_last_lr()[0]
             print0(f"[{tag}] iter {it + 1}/{args.iters}  loss {lq:.4f}  align {la:.4f}  lr {lr:.2e}  "
-                   f"{ms:.1f} ms/iter  {1000 / ms:.1f} iters/s  peak {mem:.2f} GB")
+                   f"{ms:.1f} ms/iter  {1000 / ms:.1f} iters/s  peak {mem:.2f} GB  {eta(ms, args.iters - it - 1)}")
             log([it + 1, lq, la, lr, ms, mem])
             acc.zero_()
             t0, it0 = time.perf_counter(), it + 1
@@ -758,6 +760,9 @@ def main(args):
         raise SystemExit("error: no query volume left (the test split needs 2 cases, or pass --support-case)")
     print(f"test: support {support_name}, {len(queries)} query volumes; organs "
           + ", ".join(f"{o} {ids}" for o, ids in args.organs.items()))
+    if args.iters > 5000 or args.backbone == "resnet101":
+        sizing_note(device, f"--backbone {args.backbone}, --iters {args.iters}",
+                    "`make demo-ssl`'s --backbone resnet18 --iters 500 --lr 1e-2 --lr-step 100 --sp-min-size 100")
 
     note = (f"SSL-ALPNet, {args.backbone} ({Path(args.backbone_weights).name if args.backbone_weights else RANDOM_NOTE}), "
             f"{args.iters} iterations, {args.runs} run(s) per set; 1-shot, {args.chunks} chunks, support {support_name}, "

@@ -5,7 +5,7 @@ step, and guided sampling (DDIM-50 and DDPM-300, decoded). Shapes are the paper'
     python bench.py                  # the paper's shapes on the GPU
     python bench.py --small          # demo shapes; what CI runs on the CPU
 
-Every number comes from the same code the stages run (03's and 04's `train_step`, 05's
+Every number comes from the same code the stages run (03's and 04's `train_step`, 04's
 `sample_latents`), with random weights: timing does not depend on them. Each measurement is
 warm-up steps, then `--repeats` timed steps (CUDA events on the GPU, no sync inside the loop),
 reported as the median. FLOPs are counted once per step with torch.utils.flop_counter
@@ -167,9 +167,9 @@ def diffusion_step(small, device, prec, compile_, batch=None):
 
 
 def sampling(small, device, prec, sampler, steps, batch, compile_):
-    """05's sample_latents (Eq. 4 guidance, w = 1: conditional and unconditional passes as one batch),
+    """04's sample_latents (Eq. 4 guidance, w = 1: conditional and unconditional passes as one batch),
     then 03's decoder through the quantiser, as 05 runs them (file writing not included)."""
-    dm, smp = load_stage("04_diffusion"), load_stage("05_sample")
+    dm = load_stage("04_diffusion")
     va, da = stage_args("03_vqgan", small, SMALL_VQGAN), stage_args("04_diffusion", small, SMALL_DIFFUSION)
     d, h, w = volume = VOLUME["small" if small else "paper"]
     latent = latent_shape(va, volume)
@@ -184,7 +184,7 @@ def sampling(small, device, prec, sampler, steps, batch, compile_):
     @torch.no_grad()
     def run():
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-        z = smp.sample_latents(dm, diffusion, denoiser, cond, shape, 1.0, sampler, steps, gens, device, prec)
+        z = dm.sample_latents(diffusion, denoiser, cond, shape, 1.0, sampler, steps, gens, device, prec)
         with prec.autocast():
             return vqgan.decode(z, quantize=True)
 

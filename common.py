@@ -24,6 +24,7 @@ import random
 import re
 import resource
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,8 +549,58 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+# --------------------------------------------------------------------------- progress
+def bar(iterable=None, **kwargs):
+    """A tqdm bar on rank 0's terminal; none in a log file, under pytest or on other ranks
+    (the stages also print lines, so a log still shows progress)."""
+    from tqdm import tqdm
+    quiet = int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty()
+    return tqdm(iterable, disable=quiet, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def duration(seconds):
+    """0.53 s, 42 s, 3.5 min, 2.1 h, 4.0 days."""
+    if seconds < 90:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} days"
+
+
+def first_step_line(device, t0, step, total, log_every, what="step"):
+    """Printed once, after the first step of a run (begun at time t0, now at `step` of `total`): its
+    time and the rest of the run at that pace, so a run that takes days on a CPU says so at once.
+    One host sync, once per run."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    dt, left = time.perf_counter() - t0, total - step
+    nxt = min(total, -(-step // log_every) * log_every)  # the next logged step
+    then = f"; next line at {what} {nxt}" if nxt > step else ""
+    print0(f"{what} {step} took {duration(dt)} (with warm-up); {left} {what}s more at this pace: about "
+           f"{duration(dt * left)}{then}")
+
+
+def eta(ms_per_step, steps_left):
+    return f"eta {duration(ms_per_step * steps_left / 1000)}" if steps_left > 0 else "done"
+
+
+def sizing_note(device, sized, cpu_sized):
+    """The start-up line on a CPU when the settings are sized for a GPU (`sized`, e.g. the paper's
+    defaults), naming the CPU-sized ones (those of `make demo` and the README's CPU recipe)."""
+    if torch.device(device).type == "cpu" and sized:
+        print0(f"note: on the CPU with GPU-sized settings ({sized}): expect hours to days. CPU-sized, as in "
+               f"`make demo` and the README's CPU recipe: {cpu_sized}")
+
+
 # --------------------------------------------------------------------------- previews
-LABEL_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue", 4: "gold", 5: "magenta"}
+# One convention for every preview, drawn as a legend under the image. 01's label maps use AbdomenCT-1K's
+# numbers (plus 5 for a tumour); 02's priori masks are 1 organ (the pancreas by default) / 2 tumour. A
+# structure keeps its colour from stage to stage: the organ of interest is gold, a tumour magenta.
+ORGANS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4, "tumour": 5}
+LABEL_NAMES = {v: k for k, v in ORGANS.items()}
+MASK_NAMES = {1: "organ", 2: "tumour"}
+COLOURS = {"liver": "tab:red", "kidney": "tab:green", "spleen": "tab:blue", "pancreas": "gold", "organ": "gold",
+           "tumour": "magenta", "organ box": "cyan"}
 
 
 def soft_tissue(prep=None, hu=None):
@@ -562,11 +613,13 @@ def soft_tissue(prep=None, hu=None):
     return max(0.0, (-200 - lo) / (hi - lo)), min(1.0, (300 - lo) / (hi - lo))
 
 
-def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0), centres=None):
+def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0), centres=None,
+                 names=LABEL_NAMES):
     """PNG of the axial, coronal and sagittal slices through the middle (or `centres`), one row per volume.
 
     images: a (D, H, W) array/tensor or a list of them (network layout, RAS axes);
-    labels: matching integer volumes (or None) drawn as coloured contours;
+    labels: matching integer volumes (or None) drawn as contours, coloured by `names` (label -> name:
+    LABEL_NAMES for 01's label maps, MASK_NAMES for 02's masks) with COLOURS, and a legend underneath;
     spacing: (dz, dy, dx) in mm, for the aspect ratio of coronal and sagittal views;
     centres: a (z, y, x) voxel per row where the three slices cross (None: the middle), e.g. an organ's centroid.
     Shown in radiological convention: anterior up, the patient's right on the image's left.
@@ -582,6 +635,7 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
     dz, dy, dx = spacing
     fig, axes = plt.subplots(len(images), 3, figsize=(9, 3.2 * len(images)), squeeze=False)
     centres = centres if centres is not None else [None] * len(images)
+    shown = set()
     for row, (img, lab, title, centre) in enumerate(zip(images, labels, titles, centres)):
         img, lab = as_np(img).squeeze(), as_np(lab)
         lab = None if lab is None else lab.squeeze()
@@ -597,17 +651,26 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
             if lab is not None:
                 sl = take(lab)
                 for k in sorted(set(np.unique(sl).tolist()) - {0}):
-                    ax.contour(sl == k, levels=[0.5], colors=LABEL_COLOURS.get(int(k), "white"), linewidths=0.8)
+                    name = names.get(int(k), f"label {int(k)}")
+                    ax.contour(sl == k, levels=[0.5], colors=COLOURS.get(name, "tab:orange"), linewidths=0.8)
+                    shown.add(name)
             ax.set_title(f"{title} · {name}" if title and col == 0 else name, fontsize=8)
             ax.axis("off")
-    save_figure(fig, path)
+    if shown:
+        from matplotlib.lines import Line2D
+        order = [n for n in COLOURS if n in shown] + sorted(shown - set(COLOURS))
+        fig.legend([Line2D([], [], color=COLOURS.get(n, "tab:orange"), lw=2) for n in order], order, loc="lower center",
+                   ncol=len(order), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.35 / (3.2 * len(images)), 1, 1))
+    save_figure(fig, path, layout=not shown)
 
 
-def save_figure(fig, path, dpi=90):
-    """Lay out a matplotlib figure, write it atomically (PNG from the suffix) and close it."""
+def save_figure(fig, path, dpi=90, layout=True):
+    """Lay out a matplotlib figure (unless done), write it atomically (PNG from the suffix) and close it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)

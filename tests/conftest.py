@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo on sys.path, the real CT in tests/data, the release's masks, small
+"""Shared fixtures: the repo on sys.path, the real data in tests/data (README there), small
 phantom sets."""
 import shutil
 import subprocess
@@ -9,7 +9,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared"  # the release's masks, until they ship in tests/data
 TEST_DATA = REPO / "tests" / "data"
 
 from common import load_stage  # noqa: E402
@@ -20,11 +19,9 @@ SMALL_PREP = ["--spacing", "3", "3", "4", "--size", "96", "--depth", "16", "--wo
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    d = SHARED / "data"
-    if not d.is_dir():
-        pytest.skip(f"{d} is absent (CI and developers have ../shared beside the repo)")
-    return d
+def release_masks():
+    """The two priori masks of the paper's release, with the structure vectors it computed."""
+    return sorted((TEST_DATA / "lad_release_masks").glob("*.npz"))
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_ddpm_with_a_stub_matches_hand_computed_posterior_steps():
     shape = (2, 1, 2, 2, 2)
     gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]
     cond = (torch.zeros(2, 1), torch.zeros(2, 1))
-    got = sm.sample_latents(dm, diff, Stub(), cond, shape, w, "ddpm", 0, gens(), "cpu", prec)
+    got = dm.sample_latents(diff, Stub(), cond, shape, w, "ddpm", 0, gens(), "cpu", prec)
     # by hand, float64, with the same per-sample noise
     g = gens()
     draw = lambda: np.stack([torch.randn(shape[1:], generator=x).double().numpy() for x in g])
@@ -99,7 +99,7 @@ def test_ddim_is_deterministic_and_samples_do_not_depend_on_the_batch():
                     dict(channels=8, dim=8, dim_mults=(1, 2), heads=2, dim_head=8)).eval()
     diff, prec = dm.GaussianDiffusion(20), choose_precision("cpu")
     cond = (torch.randn(2, 8, 4, 8, 8), torch.randint(0, 3, (2, 24)))
-    run = lambda seeds, c, sampler: sm.sample_latents(dm, diff, d, c, (len(seeds), 8, 4, 8, 8), 1.0, sampler, 5,
+    run = lambda seeds, c, sampler: dm.sample_latents(diff, d, c, (len(seeds), 8, 4, 8, 8), 1.0, sampler, 5,
                                                       [torch.Generator().manual_seed(s) for s in seeds], "cpu", prec)
     a, b = run([1, 2], cond, "ddim"), run([1, 2], cond, "ddim")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
