@@ -1,4 +1,4 @@
-"""01 · Preprocess abdominal CT into the paper's training volumes (paper §4.1.2, REFERENCE.md §1).
+"""01 · Preprocess abdominal CT into the paper's training volumes (paper §4.1.2, docs/reference.md §1).
 
 Reads a folder of NIfTI CT with optional label maps, writes to --out (default data/prep):
     images/<case>.nii.gz    float32 in [0, 1], (256, 256, 32) on disk = (1, 32, 256, 256) as a tensor
@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
-from common import (DISK_ERRNOS, LABEL_NAMES, ORGANS, ArgumentParser, at_least, case_id, check_order,
+from common import (DISK_ERRNOS, LABEL_NAMES, ORGANS, ArgumentParser, at_least, bar, case_id, check_order,
                     guard_settings, in_range, inputs_fingerprint, prepare_out, read_nifti, run_stage,
                     save_json, save_preview, soft_tissue, spacing_of, write_nifti, xyz_to_dhw)
 
-PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (REFERENCE.md §1)
+PRESETS = {  # paper §4.1.2; the TotalSegmentator v2 "total" ids -> AbdomenCT-1K ids (docs/reference.md §1)
     "abdomenct1k": {"spacing": (1.6, 1.6, 2.3), "label_map": None},
     "totalseg": {"spacing": (1.1, 1.1, 1.5), "label_map": "5:1,2:2,3:2,1:3,7:4"},
 }
@@ -521,17 +520,17 @@ def main(args):
 
     job = {**cfg, "out": str(out), "previews": args.previews, "max_gb": args.max_gb, "settings": cfg}
     job["spacing"], job["hu"] = tuple(args.spacing), tuple(args.hu)
-    bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not todo)
+    progress = bar(total=len(todo), desc="preprocess", unit="case")
 
     def done(rec):
         records[rec["case"]] = rec
         if rec["status"] != "ok":
-            bar.write(f"skipped {rec['case']}: {rec['reason']}")
+            progress.write(f"skipped {rec['case']}: {rec['reason']}")
         elif any(w.startswith("intensities") for w in rec["warnings"]):
-            bar.write(f"warning {rec['case']}: {rec['warnings'][0]}")
-        bar.update()
+            progress.write(f"warning {rec['case']}: {rec['warnings'][0]}")
+        progress.update()
     run_cases(todo, job, args.workers, done)
-    bar.close()
+    progress.close()
 
     ok = {c: r["outputs"] for c, r in records.items() if r["status"] == "ok"}
     split = make_split(ok, args.seed, args.test_fraction, args.n_test)

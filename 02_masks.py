@@ -1,4 +1,4 @@
-"""02 · Priori extraction: one organ/tumour mask per preprocessed volume (paper §3.1, REFERENCE.md §5).
+"""02 · Priori extraction: one organ/tumour mask per preprocessed volume (paper §3.1, docs/reference.md §5).
 
 Reads --prep (default data/prep, from 01_preprocess.py): images/, labels/, split.json.
 Writes --prep/masks/:
@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
-from tqdm import tqdm
 
-from common import (MASK_NAMES, ArgumentParser, at_least, choose_precision, file_fingerprint, guard_settings,
-                    inputs_fingerprint, load_checkpoint, pick_device, prepare_out, read_nifti, read_split,
-                    run_stage, save_json, save_preview, seed_everything, soft_tissue, write_nifti,
-                    xyz_to_dhw)
+from common import (MASK_NAMES, ArgumentParser, at_least, bar, choose_precision, file_fingerprint,
+                    guard_settings, inputs_fingerprint, load_checkpoint, pick_device, prepare_out,
+                    read_nifti, read_split, run_stage, save_json, save_preview, seed_everything, soft_tissue,
+                    write_nifti, xyz_to_dhw)
 
 UNIVERSEG_URL = "https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt"
 POSITIVE_FRACTION = 0.75  # share of support slices that contain the label ("mostly")
@@ -113,7 +112,7 @@ def get_args(argv=None):
 
 # --------------------------------------------------------------------------- UniverSeg
 # Our own plain-PyTorch UniverSeg. Module and parameter names follow the official model, so
-# its state_dict loads with strict=True (44 tensors, 1,182,785 parameters; REFERENCE.md §5).
+# its state_dict loads with strict=True (44 tensors, 1,182,785 parameters; docs/reference.md §5).
 class ConvAct(nn.Module):
     """Conv2d ('same' zero padding) + optional LeakyReLU(0.01)."""
 
@@ -362,7 +361,8 @@ def main(args):
 
     records, done, t_work = [], 0, 0.0
     rng = np.random.default_rng(args.seed)
-    for name in tqdm(names, desc=f"masks ({args.method})", unit="case"):
+    progress = bar(names, desc=f"masks ({args.method})", unit="case")
+    for name in progress:
         path, old = out / f"{name}.nii.gz", out / "cases" / f"{name}.json"
         source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"], prep)  # a changed image: redo its mask
         if path.exists() and old.exists() and not args.overwrite:
@@ -377,14 +377,14 @@ def main(args):
             img, aff, lab = load(name)
         except ValueError as e:  # an unreadable volume costs its case
             rec.update(status="skipped", reason=str(e))
-            tqdm.write(f"skipped {name}: {e}")
+            progress.write(f"skipped {name}: {e}")
             records.append(rec)
             continue
         if args.method == "labels":
             if lab is None:
                 rec.update(status="skipped", reason=f"{prep / 'labels' / (name + '.nii.gz')}: no label map "
                                                     f"(use --method universeg for unlabelled cases)")
-                tqdm.write(f"skipped {name}: {rec['reason']}")
+                progress.write(f"skipped {name}: {rec['reason']}")
                 records.append(rec)
                 continue
             mask = mask_from_labels(lab, args.organ, args.tumour)
@@ -402,7 +402,7 @@ def main(args):
             mask = largest_component(mask)
         if not mask.any():
             rec["warnings"].append("empty mask: nothing found (later stages treat the case as having no organ)")
-            tqdm.write(f"warning {name}: empty mask")
+            progress.write(f"warning {name}: empty mask")
         rec.update(status="ok", organ_voxels=int((mask == 1).sum()), tumour_voxels=int((mask == 2).sum()))
         if lab is not None and args.method == "universeg":
             rec.update(dice_organ=dice(mask == 1, np.isin(lab, args.organ)),

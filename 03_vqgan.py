@@ -8,7 +8,7 @@ Writes --out  (default runs/vqgan):
     previews/        input vs reconstruction at each save, the locality box drawn
     metrics.json     PSNR and SSIM on the test split, holistic and inside the box
 
-Architecture and losses follow Medical Diffusion's VQ-GAN as configured by Lad (REFERENCE.md §2):
+Architecture and losses follow Medical Diffusion's VQ-GAN as configured by Lad (docs/reference.md §2):
 encoder/decoder of "same"-padded (replicate) 3-D convs and ResBlocks, 4×4×4 downsampling to an
 8-channel latent, an EMA codebook of 16384 codes, a 2-D (random slice) and a 3-D PatchGAN with
 hinge loss and feature matching, LPIPS-VGG16 on a random slice. Lad adds the locality loss
@@ -57,7 +57,7 @@ def get_args(argv=None):
                    help="01/02 output folder (images/, masks/, split.json)")
     p.add_argument("--out", type=Path, default=Path("runs/vqgan"),
                    help="run folder (ckpt.pt, log.csv, previews/, metrics.json)")
-    m = p.add_argument_group("model (REFERENCE.md §2, Lad config)")
+    m = p.add_argument_group("model (docs/reference.md §2, Lad config)")
     m.add_argument("--n-hiddens", type=at_least(1), default=16, help="channels after the first conv")
     m.add_argument("--downsample", type=at_least(1), nargs=3, default=(4, 4, 4),
                    help="compression per axis (D, H, W), paper §4.1.3")
@@ -66,7 +66,7 @@ def get_args(argv=None):
     m.add_argument("--num-groups", type=at_least(1), default=32, help="GroupNorm groups")
     m.add_argument("--disc-channels", type=at_least(1), default=64, help="PatchGAN base width (ndf)")
     m.add_argument("--disc-layers", type=at_least(1), default=3, help="PatchGAN layers")
-    w = p.add_argument_group("losses (REFERENCE.md §2; Eq. 1-3)")
+    w = p.add_argument_group("losses (docs/reference.md §2; Eq. 1-3)")
     w.add_argument("--l1-weight", type=at_least(0.0, float), default=4.0, help="reconstruction L1")
     w.add_argument("--perceptual-weight", type=at_least(0.0, float), default=4.0,
                    help="LPIPS on a random slice (0 = off, no weights needed)")

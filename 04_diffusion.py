@@ -8,7 +8,7 @@ Writes --out  (default runs/diffusion):
     log.csv        loss, ms/step, volumes/s, peak memory per log interval
     previews/      EMA samples conditioned on held-out masks at each save, mask outlined
 
-The denoiser is Medical Diffusion's pseudo-3-D Unet3D (REFERENCE.md §3): (1, 3, 3) convs,
+The denoiser is Medical Diffusion's pseudo-3-D Unet3D (docs/reference.md §3): (1, 3, 3) convs,
 per-slice linear attention and attention along depth with a relative position bias, full
 attention in the middle, in the VQ-GAN's latent space scaled to [-1, 1]. The Gaussian diffusion
 has 300 steps, a cosine schedule, noise prediction and an L1 loss.
@@ -23,7 +23,7 @@ both (V3; "Full" when the VQ-GAN was trained with the locality loss).
 Classifier-free guidance: with probability --p-uncond 0.25 the condition is replaced by a
 *learned* null embedding.
 
-Where we differ from the authors' release, on purpose (REFERENCE.md §3):
+Where we differ from the authors' release, on purpose (docs/reference.md §3):
   1. the two content convs are trained parameters (the release created them anew inside each
      forward call: fixed random projections that no optimiser ever saw);
   2. the unconditional "null" condition is a learned embedding (the release used fresh
@@ -64,7 +64,7 @@ def get_args(argv=None):
     p.add_argument("--vqgan", type=Path, default=Path("runs/vqgan/ckpt.pt"),
                    help="03's checkpoint (frozen here)")
     p.add_argument("--out", type=Path, default=Path("runs/diffusion"), help="run folder")
-    m = p.add_argument_group("model (REFERENCE.md §3)")
+    m = p.add_argument_group("model (docs/reference.md §3)")
     m.add_argument("--cond", choices=["none", "content", "structure", "both"], default="both",
                    help="locality condition (Table 2): none = V0, content = V1, structure = V2, both = V3/Full")
     m.add_argument("--dim", type=at_least(1), default=64, help="Unet3D base width")
@@ -111,7 +111,7 @@ def betti_vector(mask: np.ndarray) -> np.ndarray:
     Cubical complex by cripser's T-construction (pixels are closed squares: the region is
     8-connected, holes 4-connected; outside the image counts as background). The filtration is
     0 on the region and 1 elsewhere; a Betti class is born at 0 and still alive at 1. An empty
-    region has β0 = 0 (the release counted 1; REFERENCE.md §4)."""
+    region has β0 = 0 (the release counted 1; docs/reference.md §4)."""
     out = np.zeros((len(mask), 6), np.int64)
     for j, sl in enumerate(mask):
         for label in range(3):
@@ -488,7 +488,7 @@ def ddim_step(diffusion, z, t, eps, t_prev):
 
 # --------------------------------------------------------------------------- latents (cached)
 def latent_scale(vqgan):
-    """The codebook's min and max: latents are mapped to [-1, 1] with them (REFERENCE.md §3)."""
+    """The codebook's min and max: latents are mapped to [-1, 1] with them (docs/reference.md §3)."""
     e = vqgan.codebook.embeddings
     return float(e.min()), float(e.max())
 

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common import (eta, sizing_note, MASK_NAMES, ArgumentParser, at_least, check_order, dhw_to_xyz, file_fingerprint,
+from common import (MASK_NAMES, ArgumentParser, at_least, check_order, dhw_to_xyz, eta, file_fingerprint,
                     guard_settings, in_range, load_stage, positive, prepare_out, print0, read_nifti,
-                    read_split, run_stage, save_json, save_preview, soft_tissue, start_run,
+                    read_split, run_stage, save_json, save_preview, sizing_note, soft_tissue, start_run,
                     teardown_distributed, write_nifti, xyz_to_dhw)
 
 

@@ -14,7 +14,7 @@ Sets are evaluated one at a time (the real set stays loaded, each synthetic set 
 and released), so memory holds two sets, not all of them: Table 2's nine sets at the paper's size
 would be some 75 GB at once.
 
-The protocol is HA-GAN's, as the paper uses it (REFERENCE.md §6):
+The protocol is HA-GAN's, as the paper uses it (docs/reference.md §6):
   features  MedicalNet 3D ResNet-50 (global average pooled, 2048-d), volumes fed in [-1, 1];
   FID       Fréchet distance between Gaussian fits of the features;
   MMD       unbiased MMD² with a Gaussian kernel, bandwidth from the median heuristic;
@@ -54,9 +54,9 @@ from scipy import linalg, ndimage
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from common import (bar, first_step_line, sizing_note, ArgumentParser, at_least, atomic_path, check_masks_current, in_range, load_stage,
-                    pick_device, prepare_out, read_nifti, read_split, run_stage, save_figure, save_json,
-                    seed_everything, xyz_to_dhw)
+from common import (ArgumentParser, at_least, atomic_path, bar, check_masks_current, first_step_line,
+                    in_range, load_stage, pick_device, prepare_out, read_nifti, read_split, run_stage,
+                    save_figure, save_json, seed_everything, sizing_note, xyz_to_dhw)
 
 vqgan = load_stage("03_vqgan")  # mask_box
 
@@ -72,7 +72,7 @@ def get_args(argv=None):
     p.add_argument("--fake", action="append", metavar="NAME=DIR", default=None,
                    help="a synthetic set (05's output); repeat for several methods (default: lad=runs/samples)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
-    f = p.add_argument_group("features (HA-GAN protocol, REFERENCE.md §6)")
+    f = p.add_argument_group("features (HA-GAN protocol, docs/reference.md §6)")
     f.add_argument("--med3d-depth", type=int, choices=sorted(MEDICALNET_ARCH), default=50,
                    help="MedicalNet ResNet depth")
     f.add_argument("--med3d-weights", default=None,

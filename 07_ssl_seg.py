@@ -16,7 +16,7 @@ Writes --out (default runs/ssl):
   where <set> is real, synthetic-NAME or mixed-NAME.
 
 The method is SSL-ALPNet (Ouyang et al., ECCV 2020; public code cheng-01037/Self-supervised-Fewshot-
-Medical-Image-Segmentation, "the reference" below), trained without any label (REFERENCE.md §7):
+Medical-Image-Segmentation, "the reference" below), trained without any label (docs/reference.md §7):
   pseudo-labels  Felzenszwalb superpixels of each axial slice inside the body (data/pseudolabel_gen.ipynb);
   episodes       one slice and one of its superpixels; support and query are two independent random
                  augmentations of it (affine, elastic, gamma; dataloaders/GenericSuperDatasetv2.py);
@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from common import (bar, eta, first_step_line, sizing_note, ArgumentParser, at_least, atomic_path, check_order, csv_logger, guard_settings, in_range,
-                    load_checkpoint, load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti,
-                    read_split, run_stage, save_checkpoint, save_figure, save_json, seed_everything,
-                    start_run, xyz_to_dhw)
+from common import (ArgumentParser, at_least, atomic_path, bar, check_order, csv_logger, eta,
+                    first_step_line, guard_settings, in_range, load_checkpoint, load_stage, peak_memory_gb,
+                    positive, prepare_out, print0, read_nifti, read_split, run_stage, save_checkpoint,
+                    save_figure, save_json, seed_everything, sizing_note, start_run, xyz_to_dhw)
 
 ev = load_stage("06_eval")  # to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks: shared with 06
 

@@ -1,5 +1,5 @@
 """Benchmark the three costs of the paper's schedule: a VQ-GAN training step, a diffusion training
-step, and guided sampling (DDIM-50 and DDPM-300, decoded). Shapes are the paper's (REFERENCE.md
+step, and guided sampling (DDIM-50 and DDPM-300, decoded). Shapes are the paper's (docs/reference.md
 §2-3) unless --small, which uses the CPU demo's (Makefile).
 
     python bench.py                  # the paper's shapes on the GPU

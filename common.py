@@ -10,7 +10,7 @@ Conventions used by every stage
   (mm) of voxel (i, j, k).
 - Networks see the same data as tensors (C, D, H, W) = (1, Z, Y, X): `xyz_to_dhw` and
   `dhw_to_xyz` convert (a transpose, no flips), so a (256, 256, 32) NIfTI is a
-  (1, 32, 256, 256) tensor, as in the paper (REFERENCE.md §1).
+  (1, 32, 256, 256) tensor, as in the paper (docs/reference.md §1).
 """
 import argparse
 import contextlib
@@ -651,9 +651,9 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
             if lab is not None:
                 sl = take(lab)
                 for k in sorted(set(np.unique(sl).tolist()) - {0}):
-                    name = names.get(int(k), f"label {int(k)}")
-                    ax.contour(sl == k, levels=[0.5], colors=COLOURS.get(name, "tab:orange"), linewidths=0.8)
-                    shown.add(name)
+                    structure = names.get(int(k), f"label {int(k)}")
+                    ax.contour(sl == k, levels=[0.5], colors=COLOURS.get(structure, "tab:orange"), linewidths=0.8)
+                    shown.add(structure)
             ax.set_title(f"{title} · {name}" if title and col == 0 else name, fontsize=8)
             ax.axis("off")
     if shown:
@@ -661,7 +661,7 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
         order = [n for n in COLOURS if n in shown] + sorted(shown - set(COLOURS))
         fig.legend([Line2D([], [], color=COLOURS.get(n, "tab:orange"), lw=2) for n in order], order, loc="lower center",
                    ncol=len(order), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.35 / (3.2 * len(images)), 1, 1))
+        fig.tight_layout(rect=(0, 0.35 / (3.2 * len(images)), 1, 0.98))
     save_figure(fig, path, layout=not shown)
 
 

@@ -167,6 +167,36 @@ def test_save_preview_slices_through_the_given_centres(tmp_path, monkeypatch):
     assert titles[3:] == ["b · axial z=4", "coronal y=10", "sagittal x=12"]       # the middle
 
 
+def test_previews_keep_one_colour_per_structure_and_draw_a_legend(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    img = np.zeros((6, 20, 20), np.float32)
+    labels = np.zeros((6, 20, 20), np.uint8)   # 01's label map: the liver (1) and the pancreas (4)
+    labels[:, 2:8, 2:8], labels[:, 10:16, 10:16] = 1, 4
+    mask = np.zeros((6, 20, 20), np.uint8)     # 02's mask of the same pancreas: organ (1), a tumour (2)
+    mask[:, 10:16, 10:16], mask[:, 12:14, 12:14] = 1, 2
+    common.save_preview(tmp_path / "a.png", img, labels)
+    common.save_preview(tmp_path / "b.png", img, mask, names=common.MASK_NAMES)
+
+    def drawn(fig):  # legend name -> colour, and the colours of the contours on the axial view
+        legend = {t.get_text(): to_hex(h.get_color()) for t, h in zip(fig.legends[0].texts, fig.legends[0].legend_handles)}
+        contours = {to_hex(c.get_edgecolor()[0]) for c in fig.axes[0].collections}
+        return legend, contours
+
+    (la, ca), (lb, cb) = drawn(figs[0]), drawn(figs[1])
+    assert set(la) == {"liver", "pancreas"} and set(lb) == {"organ", "tumour"}
+    assert la["pancreas"] == lb["organ"] == to_hex("gold")            # the organ of interest: gold in every stage
+    assert lb["tumour"] != la["liver"] and ca == set(la.values()) and cb == set(lb.values())
+    assert [ax.get_title() for ax in figs[1].axes] == ["axial z=3", "coronal y=10", "sagittal x=10"]  # views named
+
+
+def test_duration_reads_as_a_person_would_say_it():
+    assert [common.duration(s) for s in (0.53, 42, 210, 3 * 3600, 3 * 86400)] == \
+        ["0.53 s", "42 s", "3.5 min", "3.0 h", "3.0 days"]
+
+
 def test_load_stage_imports_without_side_effects(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stage run by accident would write data/ here
     sys.modules.pop("00_phantoms", None)

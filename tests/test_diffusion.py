@@ -184,6 +184,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, masked_prep):
     torn.write_bytes(b"half a checkpoint")
     r = subprocess.run(cmd(tmp_path / "b", 4), capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout and "at step 2" in r.stdout, r.stderr[-3000:]
+    assert "step 3 took" in r.stdout and "1 steps more at this pace" in r.stdout
     assert not torn.exists()
     a, b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
     assert [row["step"] for row in b] == ["1", "2", "3", "4"]

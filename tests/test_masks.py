@@ -20,7 +20,7 @@ masks = load_stage("02_masks")
 
 def official_table():
     """Parameter names and shapes of the official UniverSeg v1 state_dict, written out from
-    REFERENCE.md §5 (not derived from our model)."""
+    docs/reference.md §5 (not derived from our model)."""
     t = {}
     for kind, n, cin in (("enc_blocks", 4, None), ("dec_blocks", 3, 256)):
         for i in range(n):

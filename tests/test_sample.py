@@ -119,9 +119,11 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
     save_checkpoint({"step": 0, "model_kwargs": m.kwargs, "model": m.state_dict()}, tmp_path / "vq.pt")
     r = subprocess.run([sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep), "--vqgan", str(tmp_path / "vq.pt"),
                         "--out", str(tmp_path / "diff"), "--dim", "8", "--dim-mults", "1", "2", "--attn-heads", "2",
-                        "--attn-dim-head", "8", "--timesteps", "10", "--batch-size", "2", "--steps", "2", "--n-preview", "0",
+                        "--attn-dim-head", "8", "--timesteps", "10", "--batch-size", "2", "--steps", "2",
                         "--device", "cpu", "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    # on a CPU, previews are drawn only when asked for (--n-preview)
+    assert "previews skipped on the CPU" in r.stdout and not (tmp_path / "diff" / "previews").exists()
     cmd = [sys.executable, str(REPO / "05_sample.py"), "--prep", str(masked_prep), "--vqgan", str(tmp_path / "vq.pt"),
            "--diffusion", str(tmp_path / "diff" / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-original", "1", "--n-augmented", "2", "--batch-size", "2",
            "--device", "cpu"]

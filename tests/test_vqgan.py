@@ -221,6 +221,7 @@ def read_log(path):
 def test_resume_equals_uninterrupted(tmp_path, masked_prep):
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "a", "--steps", "8"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "step 1 took" in r.stdout and "7 steps more at this pace" in r.stdout  # the first step's timing line
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "b", "--steps", "4"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -229,6 +230,7 @@ def test_resume_equals_uninterrupted(tmp_path, masked_prep):
     torn.write_bytes(b"half a checkpoint")
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "b", "--steps", "8"), capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout and "at step 4" in r.stdout, r.stderr
+    assert "step 5 took" in r.stdout and "3 steps more at this pace" in r.stdout
     assert not torn.exists()
     a, b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
     assert [row["step"] for row in b] == [str(s) for s in range(1, 9)]
