@@ -51,10 +51,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (MASK_NAMES, ArgumentParser, args_record, at_least, bar, check_resume, checkpoint_parts,
-                    csv_logger, eta, file_fingerprint, first_step_line, in_range, load_checkpoint,
-                    load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti, read_split,
-                    run_stage, save_checkpoint, save_preview, sizing_note, soft_tissue, start_run,
-                    teardown_distributed, training_data_record, xyz_to_dhw)
+                    csv_logger, duration, eta, file_fingerprint, first_step_line, free_memory, in_range,
+                    load_checkpoint, load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti,
+                    read_split, run_stage, save_checkpoint, save_preview, sizing_note, soft_tissue,
+                    start_run, teardown_distributed, training_data_record, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -80,6 +80,9 @@ def get_args(argv=None):
     t.add_argument("--batch-size", type=at_least(1), default=20,
                    help="latents per step per GPU (effective batch = this × GPUs × accum)")
     t.add_argument("--grad-accum", type=at_least(1), default=1)
+    t.add_argument("--micro-batch", type=at_least(0), default=0,
+                   help="samples per forward/backward piece of a batch; 0 = what fits in free memory. The same "
+                        "step either way (the batch's random draws are made at once)")
     t.add_argument("--lr", type=positive, default=1e-4)
     t.add_argument("--ema-decay", type=in_range(0, 1), default=0.995)
     t.add_argument("--ema-every", type=at_least(1), default=10, help="steps between EMA updates (reference)")
@@ -422,13 +425,18 @@ class GaussianDiffusion(nn.Module):
         mean = self._at(self.posterior_coef1, t, x_t) * x0 + self._at(self.posterior_coef2, t, x_t) * x_t
         return mean, self._at(self.posterior_variance, t, x_t), self._at(self.posterior_log_variance, t, x_t)
 
-    def loss(self, denoiser, x0, cond_inputs, p_uncond, generator=None):
-        """L1 between the noise and its prediction at a uniform random t; the condition dropped
-        (learned null embedding) with probability p_uncond per sample."""
+    def draw(self, x0, p_uncond, generator=None):
+        """A batch's random draws: a uniform t, the noise, and which conditions are dropped (the
+        learned null embedding) with probability p_uncond, per sample."""
         b = len(x0)
         t = torch.randint(0, self.T, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         drop = torch.rand(b, device=x0.device, generator=generator) < p_uncond
+        return t, noise, drop
+
+    def loss(self, denoiser, x0, cond_inputs, p_uncond, generator=None, draws=None):
+        """L1 between the noise and its prediction, with `draws` (t, noise, drop) or fresh ones."""
+        t, noise, drop = draws if draws is not None else self.draw(x0, p_uncond, generator)
         return F.l1_loss(denoiser(self.q_sample(x0, t, noise), t, *cond_inputs, drop=drop), noise)
 
     @torch.no_grad()
@@ -544,22 +552,59 @@ def build_cache(args, names, vqgan, device):
 
 
 # --------------------------------------------------------------------------- training step
-def train_step(model_t, diffusion, opt, prec, data, batch_size, grad_accum, p_uncond, gen):
+def train_step(model_t, diffusion, opt, prec, data, batch_size, grad_accum, p_uncond, gen, micro=None,
+               after_micro=None):
     """One optimiser step: `grad_accum` batches of `batch_size` drawn on the device from
-    data = (latents, mask latents, Betti vectors), all resident there. Returns the detached loss
-    (a device tensor: nothing here waits for the device; bench.py times this function)."""
+    data = (latents, mask latents, Betti vectors), all resident there. A batch's random draws are
+    made at once, then it runs forward and backward in pieces of `micro` samples (default: whole):
+    the same step, in less memory. Returns the detached loss (a device tensor: nothing here waits
+    for the device; bench.py times this function). `after_micro(i, n)` is called after piece i of n."""
     z0, mz, betti = data
     opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=z0.device)
+    micro = micro or batch_size
+    pieces = [slice(s, s + micro) for s in range(0, batch_size, micro)]
     for _ in range(grad_accum):
         idx = torch.randint(len(z0), (batch_size,), device=z0.device, generator=gen)
-        with prec.autocast():
-            loss = diffusion.loss(model_t, z0[idx], (mz[idx], betti[idx]), p_uncond, gen) / grad_accum
-        prec.scaler.scale(loss).backward()
-        total += loss.detach().float()
+        x0, cond = z0[idx], (mz[idx], betti[idx])
+        draws = diffusion.draw(x0, p_uncond, gen)
+        for i, part in enumerate(pieces):
+            share = len(idx[part]) / batch_size / grad_accum  # mean over the piece -> its share of the batch mean
+            with prec.autocast():
+                loss = diffusion.loss(model_t, x0[part], tuple(c[part] for c in cond), p_uncond,
+                                      draws=tuple(d[part] for d in draws)) * share
+            prec.scaler.scale(loss).backward()
+            total += loss.detach().float()
+            if after_micro is not None:
+                after_micro(i + 1, len(pieces))
     prec.scaler.step(opt)
     prec.scaler.update()
     return total
+
+
+def activation_bytes(model, diffusion, data, prec, p_uncond):
+    """What autograd keeps from one sample's forward pass (the bulk of a training step's memory,
+    per sample): the storages its saved tensors use, counted once each."""
+    z0, mz, betti = data
+    seen, total = set(), 0
+
+    def keep(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), prec.autocast():
+        diffusion.loss(model, z0[:1], (mz[:1], betti[:1]), p_uncond, torch.Generator(device=z0.device))
+    return total
+
+
+def fitting_micro_batch(per_sample, batch_size, free):
+    """The largest piece of the batch whose activations fit in half of `free` bytes (the backward
+    pass needs about as much again)."""
+    return max(1, min(batch_size, int(0.5 * free // max(per_sample, 1))))
 
 
 @torch.no_grad()
@@ -677,13 +722,28 @@ def main(args):
     log_path = args.out / "log.csv"
     log_row = csv_logger(log_path, ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"],
                          start_step=step, enabled=rank == 0)
+    micro = args.micro_batch
+    if not micro:  # a batch that does not fit in memory runs in pieces (a CPU would be killed, a GPU raise)
+        per_sample, free = activation_bytes(model, diffusion, (z0, mz, betti), prec, args.p_uncond), free_memory(device)
+        micro = fitting_micro_batch(per_sample, args.batch_size, free)
+        if micro < args.batch_size:
+            print0(f"batch {args.batch_size} runs in pieces of {micro} to fit in memory ({per_sample / 2**30:.2f} GB "
+                   f"of activations per sample, {free / 2**30:.1f} GB free): the same step, in less memory")
     loss_sum, t_last, n_last = torch.zeros((), device=device), time.perf_counter(), step
     first = step + 1  # the step that gets a timing line
+
+    def first_piece(i, n):  # a long first step in pieces: its first piece's time tells the cost at once
+        if i == 1 and n > 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt, left = time.perf_counter() - t_last, args.steps - step
+            print0(f"piece 1 of {n} of step {first} took {duration(dt)} (with warm-up): a step is about "
+                   f"{duration(n * dt)}, the {left} step{'s' if left != 1 else ''} about {duration(n * dt * left)}")
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
     while step < args.steps:
         loss_sum += train_step(model_t, diffusion, opt, prec, (z0, mz, betti), args.batch_size, args.grad_accum,
-                               args.p_uncond, gen)
+                               args.p_uncond, gen, micro, first_piece if step + 1 == first else None)
         step += 1
         ema_update(ema_params, params, step, args.ema_start, args.ema_every, args.ema_decay)
         if step == first:

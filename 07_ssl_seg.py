@@ -613,7 +613,7 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
     for it in range(start, args.iters):
         acc += train_step(model, data, gen, opt, sched, prec, ce_weight, args)
         if it == start:
-            first_step_line(device, t0, it + 1, args.iters, args.log_every, what=f"[{tag}] iteration")
+            first_step_line(device, t0, it + 1, args.iters, args.log_every, what="iteration", prefix=f"[{tag}] ")
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
             lq, la = (acc / (it + 1 - it0)).tolist()                  # the one host sync per interval
             ms = (time.perf_counter() - t0) * 1000 / (it + 1 - it0)

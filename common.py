@@ -543,6 +543,17 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def free_memory(device):
+    """Bytes free for this process: on the GPU, the driver's count; on the CPU, MemAvailable."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def print0(*args, **kwargs):
     """print on rank 0 only (every process prints when not distributed)."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -567,7 +578,7 @@ def duration(seconds):
     return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} days"
 
 
-def first_step_line(device, t0, step, total, log_every, what="step"):
+def first_step_line(device, t0, step, total, log_every, what="step", prefix=""):
     """Printed once, after the first step of a run (begun at time t0, now at `step` of `total`): its
     time and the rest of the run at that pace, so a run that takes days on a CPU says so at once.
     One host sync, once per run."""
@@ -576,8 +587,9 @@ def first_step_line(device, t0, step, total, log_every, what="step"):
     dt, left = time.perf_counter() - t0, total - step
     nxt = min(total, -(-step // log_every) * log_every)  # the next logged step
     then = f"; next line at {what} {nxt}" if nxt > step else ""
-    print0(f"{what} {step} took {duration(dt)} (with warm-up); {left} {what}s more at this pace: about "
-           f"{duration(dt * left)}{then}")
+    plural = "s" if left != 1 else ""
+    print0(f"{prefix}{what} {step} took {duration(dt)} (with warm-up); {left} {what}{plural} more at this pace: "
+           f"about {duration(dt * left)}{then}")
 
 
 def eta(ms_per_step, steps_left):

@@ -184,7 +184,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, masked_prep):
     torn.write_bytes(b"half a checkpoint")
     r = subprocess.run(cmd(tmp_path / "b", 4), capture_output=True, text=True)
     assert r.returncode == 0 and "resumed from" in r.stdout and "at step 2" in r.stdout, r.stderr[-3000:]
-    assert "step 3 took" in r.stdout and "1 steps more at this pace" in r.stdout
+    assert "step 3 took" in r.stdout and "1 step more at this pace" in r.stdout
     assert not torn.exists()
     a, b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
     assert [row["step"] for row in b] == ["1", "2", "3", "4"]
@@ -210,3 +210,31 @@ def test_every_ablation_builds_and_runs(mode, dim):
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     out = dm.sample_latents(diff, d.eval(), (ml, b), (2, 8, 4, 8, 8), 1.0, "ddpm", 0, gens, "cpu", choose_precision("cpu"))
     assert out.shape == z.shape and out.abs().max() <= 1.0 + 1e-5
+
+
+def test_a_batch_in_pieces_is_the_same_step():
+    """04 runs a batch that does not fit in memory in pieces: the batch's draws are made at once, each
+    piece adds its share of the mean, so the step (its loss and gradient) is the whole batch's."""
+    prec = choose_precision("cpu")
+    data = (torch.randn(5, 8, 4, 8, 8), torch.randn(5, 8, 4, 8, 8), torch.randint(0, 3, (5, 24)))
+    results = []
+    for micro, accum in ((None, 1), (1, 1), (2, 1), (2, 2)):
+        d, diff = tiny(), dm.GaussianDiffusion(20)
+        opt = torch.optim.SGD(d.parameters(), lr=0.1)  # weights after one step = weights - 0.1 · gradient
+        pieces = []
+        loss = dm.train_step(d, diff, opt, prec, data, 3, accum, 0.25,
+                             torch.Generator().manual_seed(7), micro, lambda i, n: pieces.append((i, n)))
+        results.append((loss, torch.cat([p.detach().flatten() for p in d.parameters()]), pieces))
+    (loss, w, pieces), *split = results
+    assert pieces == [(1, 1)]
+    for (l2, w2, p2), n in zip(split[:2], (3, 2)):
+        assert p2 == [(i, n) for i in range(1, n + 1)]
+        torch.testing.assert_close(l2, loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w2, w, rtol=0, atol=1e-6)
+    assert not torch.allclose(split[2][1], w, atol=1e-6)  # two accumulated batches are another step
+    # memory: per-sample activations of a batch of one, and the piece that fits in half the free memory
+    d, diff = tiny(), dm.GaussianDiffusion(20)
+    per_sample = dm.activation_bytes(d, diff, data, prec, 0.25)
+    assert per_sample > sum(p.numel() * 4 for p in d.parameters())   # the weights it saves, and more
+    assert dm.fitting_micro_batch(100, 20, 1000) == 5 and dm.fitting_micro_batch(100, 20, 10**6) == 20
+    assert dm.fitting_micro_batch(100, 20, 10) == 1
