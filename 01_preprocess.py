@@ -392,7 +392,8 @@ def _process(spec, cfg, warnings):
             warnings.append(f"labels {sorted(lost)} vanished in resampling (structures smaller than a voxel)")
         counts = np.count_nonzero(lab == cfg["organ"], axis=(0, 1))
         if counts.sum() == 0:
-            raise CaseError(f"organ label {cfg['organ']} ({LABEL_NAMES.get(cfg['organ'], '?')}) is not in the label map")
+            name = LABEL_NAMES.get(cfg["organ"], "?")
+            raise CaseError(f"organ label {cfg['organ']} ({name}) is not in the label map")
         starts = choose_windows(counts, depth, cfg["windows"], cfg["window_stride"])
     else:
         counts, starts = None, choose_windows(np.zeros(n_out[2], int), depth)

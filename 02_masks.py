@@ -1,4 +1,4 @@
-"""02 · Priori extraction: one organ/tumour mask per preprocessed volume (paper §3.1, docs/reference.md §5).
+"""02 · Priori extraction: one organ/tumour mask per preprocessed volume (paper §3.1; docs/reference.md §5).
 
 Reads --prep (default data/prep, from 01_preprocess.py): images/, labels/, split.json.
 Writes --prep/masks/:

@@ -670,7 +670,8 @@ def main(args):
               "perplexity", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
     log_row = csv_logger(log_path, fields, start_step=step, enabled=rank == 0)
     sums = torch.zeros(len(fields) - 4, device=device)
-    t_last, n_last, x, first = time.perf_counter(), step, None, step + 1  # first: the step that gets a timing line
+    t_last, n_last, x = time.perf_counter(), step, None
+    first = step + 1  # the step that gets a timing line
     model_t.train(), d2_t.train(), d3_t.train()
     while step < args.steps:
         idx = torch.randint(n_train, (args.batch_size,), generator=gen, device=home)

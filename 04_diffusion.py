@@ -81,8 +81,8 @@ def get_args(argv=None):
                    help="latents per step per GPU (effective batch = this × GPUs × accum)")
     t.add_argument("--grad-accum", type=at_least(1), default=1)
     t.add_argument("--micro-batch", type=at_least(0), default=0,
-                   help="samples per forward/backward piece of a batch; 0 = what fits in free memory. The same "
-                        "step either way (the batch's random draws are made at once)")
+                   help="samples per forward/backward piece of a batch; 0 = what fits in free memory. "
+                        "The same step either way (the batch's random draws are made at once)")
     t.add_argument("--lr", type=positive, default=1e-4)
     t.add_argument("--ema-decay", type=in_range(0, 1), default=0.995)
     t.add_argument("--ema-every", type=at_least(1), default=10, help="steps between EMA updates (reference)")
@@ -467,7 +467,8 @@ def per_sample_noise(generators, shape, device):
 
 
 @torch.no_grad()
-def sample_latents(diffusion, denoiser, cond, shape, w, sampler, steps, generators, device, precision, desc=None):
+def sample_latents(diffusion, denoiser, cond, shape, w, sampler, steps, generators, device, precision,
+                   desc=None):
     """DDPM (ancestral, all T steps) or DDIM (deterministic, `steps` steps, η = 0), guided by Eq. 4."""
     z = per_sample_noise(generators, shape, device)
     ts = list(reversed(range(diffusion.T))) if sampler == "ddpm" else \
@@ -531,8 +532,9 @@ def build_cache(args, names, vqgan, device):
             print0(f"latent cache {path} is current ({len(names)} volumes)")
             return cache
     t0 = time.perf_counter()
-    print0(f"building the latent cache: {len(names)} volumes and masks through the VQ-GAN, Betti vectors (once)")
-    vols = [xyz_to_dhw(read_nifti(args.prep / "images" / f"{n}.nii.gz")[0]) * 2 - 1 for n in bar(names, desc="read")]
+    print0(f"building the latent cache (once): {len(names)} volumes and masks, Betti vectors")
+    vols = [xyz_to_dhw(read_nifti(args.prep / "images" / f"{n}.nii.gz")[0]) * 2 - 1
+            for n in bar(names, desc="read")]
     masks = []
     for n in names:
         mp = args.prep / "masks" / f"{n}.nii.gz"
@@ -540,7 +542,8 @@ def build_cache(args, names, vqgan, device):
             raise SystemExit(f"error: {mp} not found: run 02_masks.py first")
         masks.append(xyz_to_dhw(read_nifti(mp, None)[0]))
     with ProcessPoolExecutor(max(1, min(args.workers, len(masks)))) as pool:
-        betti = torch.from_numpy(np.stack(list(bar(pool.map(betti_vector, masks), total=len(masks), desc="Betti"))))
+        vectors = bar(pool.map(betti_vector, masks), total=len(masks), desc="Betti")
+        betti = torch.from_numpy(np.stack(list(vectors)))
     lo, hi = latent_scale(vqgan)
     cache = {"key": key, "names": names, "scale": [lo, hi],
              "latents": to_unit(encode_all(vqgan, vols, device), lo, hi),
@@ -569,7 +572,7 @@ def train_step(model_t, diffusion, opt, prec, data, batch_size, grad_accum, p_un
         x0, cond = z0[idx], (mz[idx], betti[idx])
         draws = diffusion.draw(x0, p_uncond, gen)
         for i, part in enumerate(pieces):
-            share = len(idx[part]) / batch_size / grad_accum  # mean over the piece -> its share of the batch mean
+            share = len(idx[part]) / batch_size / grad_accum  # the piece's mean -> its share of the batch's
             with prec.autocast():
                 loss = diffusion.loss(model_t, x0[part], tuple(c[part] for c in cond), p_uncond,
                                       draws=tuple(d[part] for d in draws)) * share
@@ -617,7 +620,8 @@ def ema_update(ema_params, params, step, start, every, decay):
 
 
 # --------------------------------------------------------------------------- main
-CPU_SIZED = "a VQ-GAN trained on 64×64×16 volumes, --dim 16 --attn-heads 4 --attn-dim-head 16 --batch-size 8 --steps 1600"
+CPU_SIZED = ("a VQ-GAN trained on 64×64×16 volumes, --dim 16 --attn-heads 4 --attn-dim-head 16 "
+             "--batch-size 8 --steps 1600")
 
 
 def gpu_sized(latent_shape, depth, args):
@@ -711,8 +715,8 @@ def main(args):
                            args.preview_steps, gens, device, prec, desc=f"preview, step {step}")
         vols = ((vqgan.decode(from_unit(z, lo, hi), quantize=True).float().clamp(-1, 1) + 1) / 2)[:, 0]
         save_preview(args.out / "previews" / f"step{step:07d}.png", list(vols), masks,
-                     [f"{n} mask, w={args.preview_guidance}, DDIM-{args.preview_steps}" for n in test_names], vrange=soft_tissue(args.prep),
-                     names=MASK_NAMES)
+                     [f"{n} mask, w={args.preview_guidance}, DDIM-{args.preview_steps}" for n in test_names],
+                     vrange=soft_tissue(args.prep), names=MASK_NAMES)
 
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); {n_train} latents "
@@ -724,11 +728,13 @@ def main(args):
                          start_step=step, enabled=rank == 0)
     micro = args.micro_batch
     if not micro:  # a batch that does not fit in memory runs in pieces (a CPU would be killed, a GPU raise)
-        per_sample, free = activation_bytes(model, diffusion, (z0, mz, betti), prec, args.p_uncond), free_memory(device)
+        per_sample = activation_bytes(model, diffusion, (z0, mz, betti), prec, args.p_uncond)
+        free = free_memory(device)
         micro = fitting_micro_batch(per_sample, args.batch_size, free)
         if micro < args.batch_size:
-            print0(f"batch {args.batch_size} runs in pieces of {micro} to fit in memory ({per_sample / 2**30:.2f} GB "
-                   f"of activations per sample, {free / 2**30:.1f} GB free): the same step, in less memory")
+            gb = lambda n: f"{n / 2**30:.1f} GB"
+            print0(f"batch {args.batch_size} runs in pieces of {micro} to fit in memory ({gb(per_sample)} of "
+                   f"activations per sample, {gb(free)} free): the same step, in less memory")
     loss_sum, t_last, n_last = torch.zeros((), device=device), time.perf_counter(), step
     first = step + 1  # the step that gets a timing line
 
@@ -737,8 +743,9 @@ def main(args):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt, left = time.perf_counter() - t_last, args.steps - step
+            steps = f"{left} step{'s' if left != 1 else ''}"
             print0(f"piece 1 of {n} of step {first} took {duration(dt)} (with warm-up): a step is about "
-                   f"{duration(n * dt)}, the {left} step{'s' if left != 1 else ''} about {duration(n * dt * left)}")
+                   f"{duration(n * dt)}, the {steps} about {duration(n * dt * left)}")
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
     while step < args.steps:
@@ -754,13 +761,14 @@ def main(args):
             ms, vps = 1000 * dt / (step - n_last), (step - n_last) * args.batch_size * args.grad_accum * world / dt
             row = [step, loss_v, ms, vps, peak_memory_gb(device)]
             log_row(row)
-            print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, peak {row[-1]:.2f} GB, "
-                   f"{eta(ms, args.steps - step)}")
+            print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, "
+                   f"peak {row[-1]:.2f} GB, {eta(ms, args.steps - step)}")
             loss_sum.zero_()
             t_last, n_last = time.perf_counter(), step
         if step % args.save_every == 0 or step == args.steps:
             save(step)
-    print0(f"wrote {ckpt_path} (step {step}), {log_path}, previews in {args.out / 'previews'}")
+    previews = f", previews in {args.out / 'previews'}" if test_names else ""
+    print0(f"wrote {ckpt_path} (step {step}), {log_path}{previews}")
     teardown_distributed()
 
 

@@ -223,8 +223,9 @@ def main(args):
             gens.append(torch.Generator().manual_seed(int(np.random.default_rng([args.seed, i, 2]).integers(2**62))))
         mask_latent = dm.encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device)
         betti = torch.from_numpy(np.stack([dm.betti_vector(m) for m in masks])).to(device)
-        z = dm.sample_latents(diffusion, denoiser, (mask_latent, betti), (len(batch), *latent_shape), args.guidance,
-                              args.sampler, args.steps, gens, device, prec, desc=f"batch {b // args.batch_size + 1}")
+        z = dm.sample_latents(diffusion, denoiser, (mask_latent, betti), (len(batch), *latent_shape),
+                              args.guidance, args.sampler, args.steps, gens, device, prec,
+                              desc=f"batch {b // args.batch_size + 1}")
         with torch.no_grad(), prec.autocast():
             vols = vqgan.decode(dm.from_unit(z, lo_z, hi_z), quantize=True).float()
         if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
@@ -238,7 +239,8 @@ def main(args):
             save_json(rec, args.out / f"{sid}.json")  # last: a sample is done when its record exists
         n_new += len(batch)
         per_volume = (time.perf_counter() - t0) / n_new
-        print0(f"{n_new}/{len(todo)} new samples, {per_volume:.2f} s/volume, {eta(1000 * per_volume, len(todo) - n_new)}")
+        print0(f"{n_new}/{len(todo)} new samples, {per_volume:.2f} s/volume, "
+               f"{eta(1000 * per_volume, len(todo) - n_new)}")
     if world > 1:
         torch.distributed.barrier()  # every rank's samples are written before rank 0 indexes them
     if rank == 0:
@@ -251,8 +253,8 @@ def main(args):
             vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo) for s in shown]
             ms = [xyz_to_dhw(read_nifti(args.out / f"{s}_mask.nii.gz", None)[0]) for s in shown]
             centres = [np.argwhere(m > 0).mean(0) if (m > 0).any() else None for m in ms]  # through the organ
-            save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep), centres=centres,
-                         names=MASK_NAMES)
+            save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep),
+                         centres=centres, names=MASK_NAMES)
         dt = time.perf_counter() - t0
         print0(f"wrote {n_new} new volumes (+ masks) to {args.out}/ ({dt / max(n_new, 1):.2f} s/volume); "
                f"the set holds {counts['original']} on original and {counts['augmented']} on augmented masks "

@@ -829,8 +829,8 @@ def main(args):
     print(f"features: {note}")
     if shape[1] * shape[2] >= 128 * 128 and args.med3d_depth >= 50:
         sizing_note(device, f"ResNet-{args.med3d_depth} on {'×'.join(map(str, shape))} volumes, "
-                    f"{args.fidelity_steps} probe steps", "--med3d-depth 10 --fidelity-steps 300 --fidelity-width 8 "
-                    "on 64×64×16 volumes")
+                    f"{args.fidelity_steps} probe steps",
+                    "--med3d-depth 10 --fidelity-steps 300 --fidelity-width 8 on 64×64×16 volumes")
     wpath = Path(str(args.med3d_weights))
     wid = f"{wpath.resolve()}|{wpath.stat().st_size}" if wpath.is_file() else str(args.med3d_weights)
     wkey = hashlib.sha1(f"{args.med3d_depth}|{wid}".encode()).hexdigest()[:8]  # cache key: network + weights

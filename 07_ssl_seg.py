@@ -390,7 +390,8 @@ def load_sources(jobs, workers):
         results = [safe_load(jobs[k]) for k in bar(keys, desc="superpixels")]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(bar(pool.map(safe_load, [jobs[k] for k in keys]), total=len(keys), desc="superpixels"))
+            loads = pool.map(safe_load, [jobs[k] for k in keys])
+            results = list(bar(loads, total=len(keys), desc="superpixels"))
     for k, r in zip(keys, results):
         if isinstance(r, str):
             print(f"skipped: {r}")
@@ -613,13 +614,14 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
     for it in range(start, args.iters):
         acc += train_step(model, data, gen, opt, sched, prec, ce_weight, args)
         if it == start:
-            first_step_line(device, t0, it + 1, args.iters, args.log_every, what="iteration", prefix=f"[{tag}] ")
+            first_step_line(device, t0, it + 1, args.iters, args.log_every, "iteration", f"[{tag}] ")
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
             lq, la = (acc / (it + 1 - it0)).tolist()                  # the one host sync per interval
             ms = (time.perf_counter() - t0) * 1000 / (it + 1 - it0)
             mem, lr = peak_memory_gb(device), sched.get_last_lr()[0]
             print0(f"[{tag}] iter {it + 1}/{args.iters}  loss {lq:.4f}  align {la:.4f}  lr {lr:.2e}  "
-                   f"{ms:.1f} ms/iter  {1000 / ms:.1f} iters/s  peak {mem:.2f} GB  {eta(ms, args.iters - it - 1)}")
+                   f"{ms:.1f} ms/iter  {1000 / ms:.1f} iters/s  peak {mem:.2f} GB  "
+                   f"{eta(ms, args.iters - it - 1)}")
             log([it + 1, lq, la, lr, ms, mem])
             acc.zero_()
             t0, it0 = time.perf_counter(), it + 1
@@ -762,7 +764,8 @@ def main(args):
           + ", ".join(f"{o} {ids}" for o, ids in args.organs.items()))
     if args.iters > 5000 or args.backbone == "resnet101":
         sizing_note(device, f"--backbone {args.backbone}, --iters {args.iters}",
-                    "`make demo-ssl`'s --backbone resnet18 --iters 500 --lr 1e-2 --lr-step 100 --sp-min-size 100")
+                    "`make demo-ssl`'s --backbone resnet18 --iters 500 --lr 1e-2 --lr-step 100 "
+                    "--sp-min-size 100")
 
     note = (f"SSL-ALPNet, {args.backbone} ({Path(args.backbone_weights).name if args.backbone_weights else RANDOM_NOTE}), "
             f"{args.iters} iterations, {args.runs} run(s) per set; 1-shot, {args.chunks} chunks, support {support_name}, "

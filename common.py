@@ -588,8 +588,8 @@ def first_step_line(device, t0, step, total, log_every, what="step", prefix=""):
     nxt = min(total, -(-step // log_every) * log_every)  # the next logged step
     then = f"; next line at {what} {nxt}" if nxt > step else ""
     plural = "s" if left != 1 else ""
-    print0(f"{prefix}{what} {step} took {duration(dt)} (with warm-up); {left} {what}{plural} more at this pace: "
-           f"about {duration(dt * left)}{then}")
+    print0(f"{prefix}{what} {step} took {duration(dt)} (with warm-up); {left} {what}{plural} more at this "
+           f"pace: about {duration(dt * left)}{then}")
 
 
 def eta(ms_per_step, steps_left):
@@ -611,8 +611,8 @@ def sizing_note(device, sized, cpu_sized):
 ORGANS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4, "tumour": 5}
 LABEL_NAMES = {v: k for k, v in ORGANS.items()}
 MASK_NAMES = {1: "organ", 2: "tumour"}
-COLOURS = {"liver": "tab:red", "kidney": "tab:green", "spleen": "tab:blue", "pancreas": "gold", "organ": "gold",
-           "tumour": "magenta", "organ box": "cyan"}
+COLOURS = {"liver": "tab:red", "kidney": "tab:green", "spleen": "tab:blue", "pancreas": "gold",
+           "organ": "gold", "tumour": "magenta", "organ box": "cyan"}
 
 
 def soft_tissue(prep=None, hu=None):
@@ -625,8 +625,8 @@ def soft_tissue(prep=None, hu=None):
     return max(0.0, (-200 - lo) / (hi - lo)), min(1.0, (300 - lo) / (hi - lo))
 
 
-def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0), centres=None,
-                 names=LABEL_NAMES):
+def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0), vrange=(0.0, 1.0),
+                 centres=None, names=LABEL_NAMES):
     """PNG of the axial, coronal and sagittal slices through the middle (or `centres`), one row per volume.
 
     images: a (D, H, W) array/tensor or a list of them (network layout, RAS axes);
@@ -664,15 +664,16 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
                 sl = take(lab)
                 for k in sorted(set(np.unique(sl).tolist()) - {0}):
                     structure = names.get(int(k), f"label {int(k)}")
-                    ax.contour(sl == k, levels=[0.5], colors=COLOURS.get(structure, "tab:orange"), linewidths=0.8)
+                    colour = COLOURS.get(structure, "tab:orange")
+                    ax.contour(sl == k, levels=[0.5], colors=colour, linewidths=0.8)
                     shown.add(structure)
             ax.set_title(f"{title} · {name}" if title and col == 0 else name, fontsize=8)
             ax.axis("off")
     if shown:
         from matplotlib.lines import Line2D
         order = [n for n in COLOURS if n in shown] + sorted(shown - set(COLOURS))
-        fig.legend([Line2D([], [], color=COLOURS.get(n, "tab:orange"), lw=2) for n in order], order, loc="lower center",
-                   ncol=len(order), fontsize=8, frameon=False)
+        handles = [Line2D([], [], color=COLOURS.get(n, "tab:orange"), lw=2) for n in order]
+        fig.legend(handles, order, loc="lower center", ncol=len(order), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.35 / (3.2 * len(images)), 1, 0.98))
     save_figure(fig, path, layout=not shown)
 

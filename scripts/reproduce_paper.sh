@@ -36,7 +36,7 @@ DRY=${DRY:-0}
 # VQ-GAN: the paper's "100k steps" are Lightning 1.6 steps, two per batch with two optimisers: the release's
 # checkpoint epoch=124-step=100000 (800 volumes, batch 2, one GPU) is 50k iterations, discriminators from 25k.
 if [ "$QUICK" = 1 ]; then  # about a tenth of the schedule, meant to show the orderings of Tables 1-3, not the values
-                           # (not yet verified: no GPU has been lent to this work; check the tables before relying on it)
+                           # (not yet verified on a GPU; check the tables before relying on it)
     VQ_STEPS=5000; DISC_START=2500; DM_STEPS=15000; EMA_START=2000; SSL_ITERS=10000; SSL_RUNS=2; PAIRS=100
 else                       # §4.1.3 (VQ-GAN as above, diffusion 150k), §4.3 (100k episodes, 5 runs)
     VQ_STEPS=50000; DISC_START=25000; DM_STEPS=150000; EMA_START=2000; SSL_ITERS=100100; SSL_RUNS=5; PAIRS=400

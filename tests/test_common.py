@@ -181,15 +181,16 @@ def test_previews_keep_one_colour_per_structure_and_draw_a_legend(tmp_path, monk
     common.save_preview(tmp_path / "b.png", img, mask, names=common.MASK_NAMES)
 
     def drawn(fig):  # legend name -> colour, and the colours of the contours on the axial view
-        legend = {t.get_text(): to_hex(h.get_color()) for t, h in zip(fig.legends[0].texts, fig.legends[0].legend_handles)}
+        box = fig.legends[0]
+        legend = {t.get_text(): to_hex(h.get_color()) for t, h in zip(box.texts, box.legend_handles)}
         contours = {to_hex(c.get_edgecolor()[0]) for c in fig.axes[0].collections}
         return legend, contours
 
     (la, ca), (lb, cb) = drawn(figs[0]), drawn(figs[1])
     assert set(la) == {"liver", "pancreas"} and set(lb) == {"organ", "tumour"}
-    assert la["pancreas"] == lb["organ"] == to_hex("gold")            # the organ of interest: gold in every stage
+    assert la["pancreas"] == lb["organ"] == to_hex("gold")  # the organ of interest: gold in every stage
     assert lb["tumour"] != la["liver"] and ca == set(la.values()) and cb == set(lb.values())
-    assert [ax.get_title() for ax in figs[1].axes] == ["axial z=3", "coronal y=10", "sagittal x=10"]  # views named
+    assert [ax.get_title() for ax in figs[1].axes] == ["axial z=3", "coronal y=10", "sagittal x=10"]
 
 
 def test_duration_reads_as_a_person_would_say_it():

@@ -208,7 +208,8 @@ def test_every_ablation_builds_and_runs(mode, dim):
     z, ml, b = torch.randn(2, 8, 4, 8, 8), torch.randn(2, 8, 4, 8, 8), torch.randint(0, 3, (2, 24))
     assert torch.isfinite(diff.loss(d, z, (ml, b), 0.25))
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    out = dm.sample_latents(diff, d.eval(), (ml, b), (2, 8, 4, 8, 8), 1.0, "ddpm", 0, gens, "cpu", choose_precision("cpu"))
+    prec = choose_precision("cpu")
+    out = dm.sample_latents(diff, d.eval(), (ml, b), (2, 8, 4, 8, 8), 1.0, "ddpm", 0, gens, "cpu", prec)
     assert out.shape == z.shape and out.abs().max() <= 1.0 + 1e-5
 
 

@@ -188,6 +188,7 @@ def test_end_to_end_on_tiny_folders(tmp_path, masked_prep):
     assert m["settings"]["organ_box"] == ev.organ_box(train_masks), "the box comes from the training masks"
     assert res["noisy"]["n"] == len(names) and res["noisy"]["composition"] is None  # not a 05 folder
     assert ev.RANDOM_NOTE in (out / "table.md").read_text() and ev.RANDOM_NOTE in r.stdout
+    assert r.stdout.count("probe step 1 took") == 3 and "[noisy] features, MS-SSIM" in r.stdout  # it talks
     assert res["copy"]["fid"] < 1e-3 * res["noisy"]["fid"]                    # HU rounding only
     assert res["copy"]["fid_local"] < res["noisy"]["fid_local"]
     assert res["copy"]["ms_ssim"] == pytest.approx(res["real"]["ms_ssim"], abs=1e-3)

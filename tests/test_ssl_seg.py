@@ -468,6 +468,7 @@ def test_cli_real_synthetic_mixed_resume_and_cache(small_prep, fake_samples, tmp
             "--mix-fraction", "0.5"]
     log = run_cli(*argv)
     assert "sample_00009.nii.gz: cannot read NIfTI" in log, log
+    assert "[real/seed0] iteration 1 took" in log and "2 iterations more at this pace" in log, log
     res = json.loads((out / "results.json").read_text())
     assert sorted(res["runs"]) == ["mixed-syn/seed0", "real/seed0", "synthetic-syn/seed0"]
     n_real = len(json.loads((small_prep / "split.json").read_text())["train"])

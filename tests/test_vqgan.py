@@ -221,7 +221,7 @@ def read_log(path):
 def test_resume_equals_uninterrupted(tmp_path, masked_prep):
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "a", "--steps", "8"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "step 1 took" in r.stdout and "7 steps more at this pace" in r.stdout  # the first step's timing line
+    assert "step 1 took" in r.stdout and "7 steps more at this pace" in r.stdout  # the first step's line
     r = subprocess.run(train_cmd(masked_prep, tmp_path / "b", "--steps", "4"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
