@@ -502,11 +502,11 @@ def latent_scale(vqgan):
     return float(e.min()), float(e.max())
 
 
-def to_unit(z, lo, hi):
+def latents_to_unit(z, lo, hi):
     return (z - lo) / (hi - lo) * 2 - 1
 
 
-def from_unit(z, lo, hi):
+def latents_from_unit(z, lo, hi):
     return (z + 1) / 2 * (hi - lo) + lo
 
 
@@ -546,7 +546,7 @@ def build_cache(args, names, vqgan, device):
         betti = torch.from_numpy(np.stack(list(vectors)))
     lo, hi = latent_scale(vqgan)
     cache = {"key": key, "names": names, "scale": [lo, hi],
-             "latents": to_unit(encode_all(vqgan, vols, device), lo, hi),
+             "latents": latents_to_unit(encode_all(vqgan, vols, device), lo, hi),
              "mask_latents": encode_all(vqgan, [m.astype(np.float32) for m in masks], device),
              "betti": betti, "masks": torch.from_numpy(np.stack(masks))}
     save_checkpoint(cache, path)
@@ -713,7 +713,8 @@ def main(args):
         gens = [torch.Generator().manual_seed(i) for i in range(len(masks))]
         z = sample_latents(diffusion, ema, cond, (len(masks), *latent_shape), args.preview_guidance, "ddim",
                            args.preview_steps, gens, device, prec, desc=f"preview, step {step}")
-        vols = ((vqgan.decode(from_unit(z, lo, hi), quantize=True).float().clamp(-1, 1) + 1) / 2)[:, 0]
+        decoded = vqgan.decode(latents_from_unit(z, lo, hi), quantize=True).float()    # (N, 1, D, H, W)
+        vols = ((decoded.clamp(-1, 1) + 1) / 2)[:, 0]
         save_preview(args.out / "previews" / f"step{step:07d}.png", list(vols), masks,
                      [f"{n} mask, w={args.preview_guidance}, DDIM-{args.preview_steps}" for n in test_names],
                      vrange=soft_tissue(args.prep), names=MASK_NAMES)

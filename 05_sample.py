@@ -227,7 +227,7 @@ def main(args):
                               args.guidance, args.sampler, args.steps, gens, device, prec,
                               desc=f"batch {b // args.batch_size + 1}")
         with torch.no_grad(), prec.autocast():
-            vols = vqgan.decode(dm.from_unit(z, lo_z, hi_z), quantize=True).float()
+            vols = vqgan.decode(dm.latents_from_unit(z, lo_z, hi_z), quantize=True).float()
         if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
             raise SystemExit(f"error: sampling {batch[0][0]}... gave NaN or inf: the checkpoints or "
                              f"--precision {prec.name} are not usable; nothing of this batch was written")

@@ -55,8 +55,8 @@ from scipy.spatial.distance import cdist
 from torch import nn
 
 from common import (ArgumentParser, at_least, atomic_path, bar, check_masks_current, first_step_line,
-                    in_range, load_stage, pick_device, prepare_out, read_nifti, read_split, run_stage,
-                    save_figure, save_json, seed_everything, sizing_note, xyz_to_dhw)
+                    in_range, load_stage, named_dir, pick_device, prepare_out, read_nifti, read_split,
+                    run_stage, save_figure, save_json, seed_everything, sizing_note, xyz_to_dhw)
 
 vqgan = load_stage("03_vqgan")  # mask_box
 
@@ -69,7 +69,7 @@ def get_args(argv=None):
                    help="01/02 output: images/, masks/, split.json")
     p.add_argument("--real-split", choices=["all", "train", "test"], default="all",
                    help="real volumes the synthetic sets are compared with (FID, MMD, MS-SSIM)")
-    p.add_argument("--fake", action="append", metavar="NAME=DIR", default=None,
+    p.add_argument("--fake", action="append", type=named_dir, metavar="NAME=DIR", default=None,
                    help="a synthetic set (05's output); repeat for several methods (default: lad=runs/samples)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     f = p.add_argument_group("features (HA-GAN protocol, docs/reference.md §6)")
@@ -92,11 +92,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    args.fake = args.fake or ["lad=runs/samples"]
-    try:
-        args.fake = dict((s.split("=", 1)[0], Path(s.split("=", 1)[1])) for s in args.fake)
-    except IndexError:
-        p.error(f"--fake wants NAME=DIR, got {args.fake}")
+    args.fake = dict(args.fake or [named_dir("lad=runs/samples")])
     if "real" in (k.lower() for k in args.fake):
         p.error("--fake: 'real' is the name of the reference row")
     return args
@@ -472,7 +468,7 @@ def diversity(vols, pairs, rng, batch=8):
 
 
 # --------------------------------------------------------------------------- volumes and boxes
-def to_unit(arr, hu, path):
+def volume_to_unit(arr, hu, path):
     """A volume on 01's [0, 1] scale: 01's float output as it is, HU (05's int16) windowed to `hu`."""
     if np.issubdtype(arr.dtype, np.integer) or arr.min() < -0.01 or arr.max() > 1.01:
         return np.clip((arr.astype(np.float32) - hu[0]) / (hu[1] - hu[0]), 0, 1)
@@ -497,7 +493,7 @@ def load_set(pairs, hu, shape=None):
     for img, msk in bar(pairs, desc="read"):
         try:
             arr = read_nifti(img, None)[0]
-            vol = xyz_to_dhw(to_unit(np.asarray(arr), hu, img))
+            vol = xyz_to_dhw(volume_to_unit(np.asarray(arr), hu, img))
             if shape is not None and vol.shape != tuple(shape):
                 raise ValueError(f"{img}: shape {vol.shape} (D, H, W), expected {tuple(shape)} like the real set")
             check_volume(vol, img)

@@ -55,11 +55,13 @@ from scipy import ndimage
 from torch import nn
 
 from common import (ArgumentParser, at_least, atomic_path, bar, check_order, csv_logger, eta,
-                    first_step_line, guard_settings, in_range, load_checkpoint, load_stage, peak_memory_gb,
-                    positive, prepare_out, print0, read_nifti, read_split, run_stage, save_checkpoint,
-                    save_figure, save_json, seed_everything, sizing_note, start_run, xyz_to_dhw)
+                    first_step_line, guard_settings, in_range, load_checkpoint, load_stage, named_dir,
+                    peak_memory_gb, positive, prepare_out, print0, read_nifti, read_split, run_stage,
+                    save_checkpoint, save_figure, save_json, seed_everything, sizing_note, start_run,
+                    xyz_to_dhw)
 
-ev = load_stage("06_eval")  # to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks: shared with 06
+# shared with 06: volume_to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks
+ev = load_stage("06_eval")
 
 DEEPLAB_URL = "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"
 RANDOM_NOTE = "backbone randomly initialised (the reference starts from COCO weights): not comparable to the paper"
@@ -69,7 +71,7 @@ def get_args(argv=None):
     p = ArgumentParser(__doc__.split("\n")[0])
     p.add_argument("--prep", type=Path, default=Path("data/prep"),
                    help="01's output: images/, labels/, split.json")
-    p.add_argument("--synthetic", action="append", metavar="NAME=DIR", default=None,
+    p.add_argument("--synthetic", action="append", type=named_dir, metavar="NAME=DIR", default=None,
                    help="a synthetic set (05's output); repeat to compare methods, e.g. lad and v0 (Fig. 6) "
                         "(default: lad=runs/samples)")
     p.add_argument("--out", type=Path, default=Path("runs/ssl"),
@@ -148,13 +150,11 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     for flag in ("--window", "--scale", "--gamma"):
         check_order(p, args, flag, strict=flag == "--window")
+    args.synthetic = dict(args.synthetic or [named_dir("lad=runs/samples")])
     try:
-        args.synthetic = dict((f.split("=", 1)[0], Path(f.split("=", 1)[1])) for f in (args.synthetic or ["lad=runs/samples"]))
         args.organs = {o.split("=", 1)[0]: [int(i) for i in o.split("=", 1)[1].split(",")] for o in args.organs}
     except (IndexError, ValueError):
-        p.error("--synthetic wants NAME=DIR and --organs NAME=ID[,ID]")
-    if any(not n.replace("_", "").isalnum() for n in args.synthetic):
-        p.error("--synthetic: NAME must be letters, digits and _ (it names files)")
+        p.error("argument --organs: must be NAME=ID[,ID]")
     # the training sets, in Fig. 6's order: real, each synthetic set alone, each mixed with the real set
     args.sets = (["real"] if "real" in args.train else []) + \
         [f"{kind}-{n}" for kind in ("synthetic", "mixed") if kind in args.train for n in args.synthetic]
@@ -368,7 +368,7 @@ def load_volume(job):
     arr = np.asarray(read_nifti(path, None)[0])
     if arr.ndim != 3:
         raise ValueError(f"{path}: {arr.ndim}-D volume, expected 3-D")
-    vol = to_window(xyz_to_dhw(ev.to_unit(arr, hu, path)), hu, window)
+    vol = to_window(xyz_to_dhw(ev.volume_to_unit(arr, hu, path)), hu, window)
     if cache.exists():
         try:
             with np.load(cache) as f:
@@ -416,7 +416,8 @@ def load_labelled(prep, case, hu, window):
     img, lab = np.asarray(read_nifti(img_path, None)[0]), np.asarray(read_nifti(lab_path, None)[0])
     if img.ndim != 3 or lab.shape != img.shape:
         raise ValueError(f"{case}: image {img.shape} and labels {lab.shape} are not one 3-D shape")
-    return case, to_window(xyz_to_dhw(ev.to_unit(img, hu, img_path)), hu, window), xyz_to_dhw(lab).astype(np.int64)
+    vol = to_window(xyz_to_dhw(ev.volume_to_unit(img, hu, img_path)), hu, window)
+    return case, vol, xyz_to_dhw(lab).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- episodes: sampling and augmentation, on the device

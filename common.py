@@ -145,6 +145,17 @@ def positive(text):
     return v
 
 
+def named_dir(text):
+    """argparse type: NAME=DIR (a synthetic set for 06 and 07) -> (NAME, Path(DIR)). NAME names files
+    and table rows: letters, digits, _, . and -, not starting with a dot."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"must be NAME=DIR, got {text!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise argparse.ArgumentTypeError(f"NAME must be letters, digits, _, . or - (it names files), got {name!r}")
+    return name, Path(folder)
+
+
 def in_range(lo, hi, kind=float):
     """argparse type: a number in [lo, hi], e.g. a probability `in_range(0, 1)`."""
     def parse(text):

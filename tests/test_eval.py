@@ -133,7 +133,7 @@ def test_segnet_shift_hides_the_usual_position():
 
 
 # --------------------------------------------------------------------------- loading
-def test_to_unit_and_load_set_skip_bad_files(tmp_path, capsys):
+def test_volume_to_unit_and_load_set_skip_bad_files(tmp_path, capsys):
     hu = (-1000.0, 400.0)
     aff = np.diag([2.0, 2.0, 3.0, 1.0])
     vol = np.full((6, 5, 4), -300, np.int16)                    # (X, Y, Z)
@@ -151,7 +151,7 @@ def test_to_unit_and_load_set_skip_bad_files(tmp_path, capsys):
     assert masks[0].shape == (4, 5, 6)
     assert "b.nii.gz" in out and "shape" in out and "c.nii.gz" in out
     unit = np.linspace(0, 1, 10, dtype=np.float32)
-    assert ev.to_unit(unit, hu, "x") is not None and np.allclose(ev.to_unit(unit, hu, "x"), unit)
+    assert np.allclose(ev.volume_to_unit(unit, hu, "x"), unit)  # 01's [0, 1] output stays as it is
 
 
 # --------------------------------------------------------------------------- end to end

@@ -384,7 +384,8 @@ BAD_ARGS = {  # stage: [(arguments, the flag the one-line error must name)]
                      (["--batch-size", "0"], "--batch-size"), (["--timesteps", "0"], "--timesteps"),
                      (["--lr", "0"], "--lr"), (["--ema-decay", "1.5"], "--ema-decay"),
                      (["--dim", "0"], "--dim"),
-                     (["--n-preview", "-1"], "--n-preview"), (["--workers", "0"], "--workers")],
+                     (["--n-preview", "-1"], "--n-preview"), (["--workers", "0"], "--workers"),
+                     (["--micro-batch", "-1"], "--micro-batch"), (["--preview-steps", "0"], "--preview-steps")],
     "05_sample": [(["--n-original", "0", "--n-augmented", "0"], "--n-augmented"),
                   (["--n-original", "-1"], "--n-original"),
                   (["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"),
@@ -393,11 +394,13 @@ BAD_ARGS = {  # stage: [(arguments, the flag the one-line error must name)]
     "06_eval": [(["--pairs", "0"], "--pairs"), (["--batch-size", "0"], "--batch-size"),
                 (["--fidelity-steps", "-1"], "--fidelity-steps"),
                 (["--fidelity-shift", "2"], "--fidelity-shift"),
-                (["--fidelity-width", "0"], "--fidelity-width")],
+                (["--fidelity-width", "0"], "--fidelity-width"), (["--fake", "runs/samples"], "--fake"),
+                (["--fake", "a/b=runs/samples"], "--fake"), (["--fake", "lad="], "--fake")],
     "07_ssl_seg": [(["--runs", "0"], "--runs"), (["--iters", "-1"], "--iters"), (["--lr", "0"], "--lr"),
                    (["--window", "275", "-125"], "--window"), (["--pool-train", "0"], "--pool-train"),
                    (["--chunks", "0"], "--chunks"), (["--proto-thresh", "2"], "--proto-thresh"),
-                   (["--scale", "1.2", "0.9"], "--scale"), (["--lr-step", "0"], "--lr-step")],
+                   (["--scale", "1.2", "0.9"], "--scale"), (["--lr-step", "0"], "--lr-step"),
+                   (["--synthetic", "runs/samples"], "--synthetic"), (["--organs", "liver"], "--organs")],
 }
 
 
