@@ -152,7 +152,7 @@ def named_dir(text):
     if not sep or not name or not folder:
         raise argparse.ArgumentTypeError(f"must be NAME=DIR, got {text!r}")
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise argparse.ArgumentTypeError(f"NAME must be letters, digits, _, . or - (it names files), got {name!r}")
+        raise argparse.ArgumentTypeError(f"NAME names files: letters, digits, _, . or -, got {name!r}")
     return name, Path(folder)
 
 
