@@ -47,7 +47,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (case k depends only on seed and k)")
     mm = at_least(0.1, float)
     p.add_argument("--spacing-xy", type=mm, nargs=2, default=(1.6, 2.2), metavar=("MIN", "MAX"),
-                   help="in-plane voxel size range, mm (real CT is 0.6-0.9; phantoms are coarser to stay fast)")
+                   help="in-plane voxel size range, mm (real CT is 0.6-0.9; phantoms are coarser "
+                        "to stay fast)")
     p.add_argument("--spacing-z", type=mm, nargs=2, default=(2.5, 5.0), metavar=("MIN", "MAX"),
                    help="slice spacing range, mm")
     p.add_argument("--z-extent", type=mm, nargs=2, default=(70.0, 200.0), metavar=("MIN", "MAX"),
@@ -57,9 +58,9 @@ def get_args(argv=None):
     p.add_argument("--previews", type=at_least(0), default=2,
                    help="write a preview PNG for the first N cases")
     p.add_argument("--layout", choices=["abdomenct1k", "totalseg"], default="abdomenct1k",
-                   help="abdomenct1k: images/ + labels/ as above; totalseg: TotalSegmentator's folders, "
-                        "sNNNN/ct.nii.gz + sNNNN/segmentations/<organ>.nii.gz (no tumour file: TotalSegmentator "
-                        "labels none, so a tumour is part of the pancreas)")
+                   help="abdomenct1k: images/ + labels/ as above; totalseg: TotalSegmentator's "
+                        "folders, sNNNN/ct.nii.gz + sNNNN/segmentations/<organ>.nii.gz (no tumour "
+                        "file: TotalSegmentator labels none, so a tumour is part of the pancreas)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow replacing files that this script did not write")
     args = p.parse_args(argv)
@@ -89,7 +90,9 @@ class Canvas:
     later paints cover earlier ones, exactly as tissues overlap in the body."""
 
     def __init__(self, origin, spacing, shape, deform):
-        self.origin, self.spacing, self.shape = np.asarray(origin), np.asarray(spacing), shape
+        self.origin = np.asarray(origin)
+        self.spacing = np.asarray(spacing)
+        self.shape = shape
         self.axes = [origin[i] + spacing[i] * np.arange(shape[i], dtype=np.float32) for i in range(3)]
         self.deform = deform  # three (X, Y, Z) displacement fields, mm
         self.hu = np.full(shape, -1000.0, np.float32)
@@ -156,11 +159,13 @@ def make_case(seed, index, args):
     u = lambda lo, hi: float(rng.uniform(lo, hi))
 
     # Grid: field of view, per-case anisotropic spacing, z extent around the pancreas level (z = 0).
-    fov, sxy, sz = u(380, 440), u(*args.spacing_xy), u(*args.spacing_z)
+    fov = u(380, 440)
+    sxy, sz = u(*args.spacing_xy), u(*args.spacing_z)
     nxy = int(round(fov / sxy))
     nz = max(8, int(round(u(*args.z_extent) / sz)))
     z_centre = u(-15, 30)
-    origin = np.array([-(nxy - 1) * sxy / 2, -(nxy - 1) * sxy / 2, z_centre - (nz - 1) * sz / 2], np.float32)
+    origin = np.array([-(nxy - 1) * sxy / 2, -(nxy - 1) * sxy / 2, z_centre - (nz - 1) * sz / 2],
+                      np.float32)
     shape = (nxy, nxy, nz)
     amp = u(3, 7)
     deform = [smooth_field(rng, shape, (4, 4, 3), amp) for _ in range(3)]
@@ -200,7 +205,8 @@ def make_case(seed, index, args):
         r = [u(12, 26), u(10, 22), u(15, 35)]
         cv.paint(cv.ellipsoid(c, r), u(15, 40), within=cavity)
         if rng.random() < 0.5:
-            cv.paint(cv.ellipsoid([c[0], c[1] + 0.4 * r[1], c[2]], [0.6 * r[0], 0.35 * r[1], 0.6 * r[2]]), u(-1000, -900), within=cavity)
+            gas = cv.ellipsoid([c[0], c[1] + 0.4 * r[1], c[2]], [0.6 * r[0], 0.35 * r[1], 0.6 * r[2]])
+            cv.paint(gas, u(-1000, -900), within=cavity)
 
     # Stomach (left upper quadrant) with a gas cap anteriorly.
     st = np.array([vx - 55, vy + 105, 55]) + jit()
@@ -212,7 +218,8 @@ def make_case(seed, index, args):
     c = np.array([vx + 70, vy + 62, 60]) + jit()
     s = scale()
     cv.paint(cv.ellipsoid(c, [70 * s, 72 * s, 85 * s]), liver_hu, LIVER, within=cavity)
-    cv.paint(cv.ellipsoid(c + [-75, 45, 10] + jit(5), [55 * s, 38 * s, 45 * s]), liver_hu, LIVER, within=cavity)
+    cv.paint(cv.ellipsoid(c + [-75, 45, 10] + jit(5), [55 * s, 38 * s, 45 * s]), liver_hu, LIVER,
+             within=cavity)
     for _ in range(3):  # hepatic/portal veins: darker tubes inside the liver
         p = c + rng.uniform(-30, 30, 3)
         cv.paint(cv.ellipsoid(p, [5, 5, 25]), liver_hu - u(15, 30), LIVER, within=cv.lab == LIVER)
@@ -220,13 +227,15 @@ def make_case(seed, index, args):
     sp = np.array([vx - 95, vy + 25, 40]) + jit()
     s = scale()
     cv.paint(cv.ellipsoid(sp, [30 * s, 45 * s, 55 * s]), u(45, 60), SPLEEN, within=cavity)
-    cv.paint(cv.ellipsoid(sp + [28, 10, 0], [18, 30, 45]), u(-95, -80), 0, within=cv.lab == SPLEEN)  # hilum notch
+    cv.paint(cv.ellipsoid(sp + [28, 10, 0], [18, 30, 45]), u(-95, -80), 0,
+             within=cv.lab == SPLEEN)  # hilum notch
 
     for side in (-1, 1):  # kidneys (the right one lower), renal sinus fat on the medial side
         k = np.array([vx + side * 70, vy + 12, -30 - (12 if side > 0 else 0)]) + jit(6)
         s = scale()
         cv.paint(cv.ellipsoid(k, [26 * s, 22 * s, 52 * s]), u(150, 190), KIDNEY, within=cavity)
-        cv.paint(cv.ellipsoid(k + [-side * 10, 3, 0], [10 * s, 9 * s, 28 * s]), u(-60, -20), 0, within=cv.lab == KIDNEY)
+        cv.paint(cv.ellipsoid(k + [-side * 10, 3, 0], [10 * s, 9 * s, 28 * s]), u(-60, -20), 0,
+                 within=cv.lab == KIDNEY)
 
     # Vessels: aorta left-anterior of the spine, IVC on the right.
     ao = [vx - 14, vy + 36 + u(-4, 4), 0]
@@ -235,7 +244,8 @@ def make_case(seed, index, args):
 
     # Pancreas: head (right, lower) -> neck -> body in front of the aorta -> tail to the splenic hilum.
     pj = lambda p: np.asarray(p, np.float32) + jit(6)
-    path = [pj([vx + 28, vy + 62, -12]), pj([vx + 2, vy + 80, -2]), pj([vx - 35, vy + 72, 8]), pj([sp[0] + 22, sp[1] + 10, sp[2] - 20])]
+    path = [pj([vx + 28, vy + 62, -12]), pj([vx + 2, vy + 80, -2]), pj([vx - 35, vy + 72, 8]),
+            pj([sp[0] + 22, sp[1] + 10, sp[2] - 20])]
     s = scale(0.8, 1.2)
     radii = [15 * s, 10 * s, 10 * s, 8.5 * s]
     vein = [p + np.array([0, -10, 0], np.float32) for p in path[1:]]  # splenic vein along its back
@@ -290,7 +300,8 @@ def case_files(out, name, layout):
     if layout == "abdomenct1k":
         return [out / "images" / f"{name}_0000.nii.gz", out / "labels" / f"{name}.nii.gz"]
     seg = out / name / "segmentations"
-    return [out / name / "ct.nii.gz"] + [seg / f"{o}.nii.gz" for o in (*TOTALSEG_FILES, "kidney_right", "kidney_left")]
+    organs = (*TOTALSEG_FILES, "kidney_right", "kidney_left")
+    return [out / name / "ct.nii.gz"] + [seg / f"{o}.nii.gz" for o in organs]
 
 
 def totalseg_masks(lab):
@@ -334,7 +345,8 @@ def main(args):
     names = [pattern.format(k) for k in range(1, args.n + 1)]
     ours = set(manifest.get("cases", []))
 
-    t0, stats = time.perf_counter(), []
+    t0 = time.perf_counter()
+    stats = []
     for k, name in enumerate(names, start=1):
         tc = time.perf_counter()
         hu, lab, affine = make_case(args.seed, k, args)
@@ -345,8 +357,8 @@ def main(args):
             write_nifti(paths[1], to_lps_storage(lab, affine)[0], aff_disk, np.uint8)
         else:
             for organ, binary in totalseg_masks(lab).items():
-                write_nifti(out / name / "segmentations" / f"{organ}.nii.gz", to_lps_storage(binary, affine)[0],
-                            aff_disk, np.uint8)
+                write_nifti(out / name / "segmentations" / f"{organ}.nii.gz",
+                            to_lps_storage(binary, affine)[0], aff_disk, np.uint8)
         written = case_files(out, name, args.layout)
         if k <= args.previews:
             sp = np.abs(np.diag(affine)[:3])
@@ -365,7 +377,8 @@ def main(args):
 
     dt = time.perf_counter() - t0
     n_tumour = sum(TUMOUR in s[3] for s in stats)
-    where = f"{out}/images and {out}/labels" if args.layout == "abdomenct1k" else f"{out}/<subject>/ (TotalSegmentator)"
+    where = (f"{out}/images and {out}/labels" if args.layout == "abdomenct1k"
+             else f"{out}/<subject>/ (TotalSegmentator)")
     print(f"\nwrote {len(names)} phantom cases ({n_tumour} with a tumour) to {where} "
           f"in {dt:.1f} s ({dt / max(len(names), 1):.2f} s/case)"
           + (f"; previews in {out}/previews" if args.previews else ""))

@@ -21,7 +21,8 @@ is only read.
 
     python 01_preprocess.py                                                  # data/raw -> data/prep
     python 01_preprocess.py --images AbdomenCT-1K/Image --labels AbdomenCT-1K/Mask --out data/prep
-    python 01_preprocess.py --totalseg Totalsegmentator_dataset_v201 --require-organs liver,kidney,spleen,pancreas
+    python 01_preprocess.py --totalseg Totalsegmentator_dataset_v201 \\
+        --require-organs liver,kidney,spleen,pancreas
     python 01_preprocess.py --images data/demo/raw/images --labels data/demo/raw/labels --out data/demo/prep
 """
 import argparse
@@ -61,20 +62,23 @@ def get_args(argv=None):
     src.add_argument("--images", type=Path, default=Path("data/raw/images"),
                      help="folder of CT NIfTI files (Case_00001_0000.nii.gz, pancreas_001.nii.gz, ...)")
     src.add_argument("--labels", type=Path, default=Path("data/raw/labels"),
-                     help="folder of label maps paired by case id; when it exists, an image without a label map "
-                          "is skipped (the paper uses the annotated cases). No such folder: every case gets the "
-                          "central window")
+                     help="folder of label maps paired by case id; when it exists, an image without a "
+                          "label map is skipped (the paper uses the annotated cases). No such folder: "
+                          "every case gets the central window")
     src.add_argument("--totalseg", type=Path, default=None,
                      help="TotalSegmentator folder of subjects (ct.nii.gz + segmentations/<organ>.nii.gz "
                           "or a multi-label seg.nii.gz), or one subject's folder; replaces --images/--labels")
     src.add_argument("--dataset", choices=sorted(PRESETS), default=None,
-                     help="preset spacing and label map (default: totalseg with --totalseg, else abdomenct1k)")
+                     help="preset spacing and label map (default: totalseg with --totalseg, "
+                          "else abdomenct1k)")
     src.add_argument("--label-map", default=None,
                      help="source:target label ids, e.g. '5:1,2:2,3:2,1:3,7:4' (TotalSegmentator v2 -> "
                           "AbdomenCT-1K); unlisted labels become 0. Default: the preset's (none = keep ids)")
     geo = p.add_argument_group("geometry (paper §4.1.2)")
-    geo.add_argument("--spacing", type=at_least(0.01, float), nargs=3, default=None, metavar=("X", "Y", "Z"),
-                     help="target voxel size, mm (default: preset; 1.6 1.6 2.3 AbdomenCT-1K, 1.1 1.1 1.5 TotalSegmentator)")
+    geo.add_argument("--spacing", type=at_least(0.01, float), nargs=3, default=None,
+                     metavar=("X", "Y", "Z"),
+                     help="target voxel size, mm (default: preset; 1.6 1.6 2.3 AbdomenCT-1K, "
+                          "1.1 1.1 1.5 TotalSegmentator)")
     geo.add_argument("--size", type=at_least(8), default=256,
                      help="output height and width, voxels (paper: 256)")
     geo.add_argument("--depth", type=at_least(1), default=32, help="output slices per volume (paper: 32)")
@@ -84,12 +88,14 @@ def get_args(argv=None):
     win.add_argument("--organ", type=at_least(1), default=4,
                      help="target label whose voxels choose the window (4 = pancreas)")
     win.add_argument("--windows", choices=["best", "all"], default="best",
-                     help="best: the window with the most organ voxels (release); all: every window containing the organ")
+                     help="best: the window with the most organ voxels (release); all: every window "
+                          "containing the organ")
     win.add_argument("--window-stride", type=at_least(1), default=1,
                      help="with --windows all: step between window starts, slices")
     win.add_argument("--require-organs", default="",
-                     help="comma list (liver,kidney,spleen,pancreas or ids): drop cases missing one, or with one cut "
-                          "by the first/last slice (the paper's TotalSegmentator filter). Off by default")
+                     help="comma list (liver,kidney,spleen,pancreas or ids): drop cases missing one, "
+                          "or with one cut by the first/last slice (the paper's TotalSegmentator "
+                          "filter). Off by default")
     inten = p.add_argument_group("intensity")
     inten.add_argument("--hu", type=float, nargs=2, default=(-1000.0, 400.0), metavar=("MIN", "MAX"),
                        help="HU clip range mapped to [0, 1] (paper §4.1.2)")
@@ -119,7 +125,8 @@ def get_args(argv=None):
     preset = PRESETS[args.dataset or ("totalseg" if args.totalseg else "abdomenct1k")]
     args.spacing = tuple(args.spacing or preset["spacing"])
     args.label_map = parse_label_map(args.label_map if args.label_map is not None else preset["label_map"])
-    args.require_organs = [int(t) if t.strip().isdigit() else ORGANS[t.strip()] for t in args.require_organs.split(",") if t.strip()]
+    args.require_organs = [int(t) if t.strip().isdigit() else ORGANS[t.strip()]
+                           for t in args.require_organs.split(",") if t.strip()]
     return args
 
 
@@ -131,13 +138,15 @@ def parse_label_map(text):
         pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
         assert all(len(pr) == 2 and 0 <= pr[1] <= 255 for pr in pairs)
     except (ValueError, AssertionError):
-        raise SystemExit(f"error: --label-map {text!r}: expected 'src:dst,src:dst' with integer ids (dst 0-255)")
+        raise SystemExit(f"error: --label-map {text!r}: expected 'src:dst,src:dst' with integer ids "
+                         f"(dst 0-255)")
     return dict(pairs)
 
 
 # --------------------------------------------------------------------------- finding cases
 def nifti_files(folder):
-    return sorted(f for f in Path(folder).iterdir() if not f.name.startswith(".") and f.name.endswith((".nii.gz", ".nii")))
+    return sorted(f for f in Path(folder).iterdir()
+                  if not f.name.startswith(".") and f.name.endswith((".nii.gz", ".nii")))
 
 
 def find_cases(args):
@@ -151,17 +160,25 @@ def find_cases(args):
         subjects = [args.totalseg] if one_subject else sorted(args.totalseg.iterdir())
         for d in [p for p in subjects if p.is_dir() and (p / "ct.nii.gz").exists()]:
             ml = [d / n for n in ("seg.nii.gz", "segmentations.nii.gz") if (d / n).is_file()]
-            label, kind = (ml[0], "file") if ml else ((d / "segmentations", "totalseg_dir") if (d / "segmentations").is_dir() else (d, "missing"))
+            if ml:
+                label, kind = ml[0], "file"
+            elif (d / "segmentations").is_dir():
+                label, kind = d / "segmentations", "totalseg_dir"
+            else:
+                label, kind = d, "missing"
             cases.append({"case": d.name, "image": d / "ct.nii.gz", "label": label, "label_kind": kind})
         return cases
     if not args.images.is_dir():
-        raise SystemExit(f"error: --images {args.images}: no such folder (run 00_phantoms.py for demo data, or pass --images)")
+        raise SystemExit(f"error: --images {args.images}: no such folder (run 00_phantoms.py for demo "
+                         f"data, or pass --images)")
     labels = {}
     if args.labels and args.labels.is_dir():
         labels = {case_id(f): f for f in nifti_files(args.labels)}
     elif args.labels:
-        print(f"warning: no label folder {args.labels}: every case gets the central {args.depth}-slice window")
-    cases, seen = [], set()
+        print(f"warning: no label folder {args.labels}: every case gets the central "
+              f"{args.depth}-slice window")
+    cases = []
+    seen = set()
     for f in nifti_files(args.images):
         cid = case_id(f)
         if f.name.rsplit(".nii", 1)[0].endswith(tuple(f"_{k:04d}" for k in range(1, 10))):
@@ -171,7 +188,8 @@ def find_cases(args):
         seen.add(cid)
         lab = labels.get(cid)
         kind = "file" if lab else ("missing" if args.labels and args.labels.is_dir() else None)
-        cases.append({"case": cid, "image": f, "label": args.labels if kind == "missing" else lab, "label_kind": kind})
+        cases.append({"case": cid, "image": f, "label": args.labels if kind == "missing" else lab,
+                      "label_kind": kind})
     return cases
 
 
@@ -187,7 +205,8 @@ def load_image(path, max_gb=2.0):
     img, aff = read_nifti(path, np.float32, max_gb)
     img = squeeze_to_3d(img)
     if img.ndim != 3:
-        raise CaseError(f"{path}: image is {img.ndim}-D with shape {tuple(img.shape)}; expected one 3-D CT volume")
+        raise CaseError(f"{path}: image is {img.ndim}-D with shape {tuple(img.shape)}; "
+                        f"expected one 3-D CT volume")
     bad = int(np.count_nonzero(~np.isfinite(img)))
     if bad:
         raise CaseError(f"{path}: {bad} NaN/inf voxels")
@@ -255,7 +274,8 @@ def resample_grid(shape, affine, spacing):
 
 def resample_labels(lab, ratio, n_out):
     """Nearest-neighbour resampling as plain indexing: exact, and no label is ever invented."""
-    idx = [np.clip(np.rint(np.arange(n) * r).astype(int), 0, s - 1) for n, r, s in zip(n_out, ratio, lab.shape)]
+    idx = [np.clip(np.rint(np.arange(n) * r).astype(int), 0, s - 1)
+           for n, r, s in zip(n_out, ratio, lab.shape)]
     return lab[np.ix_(*idx)]
 
 
@@ -285,7 +305,8 @@ def choose_windows(counts, depth, mode="best", stride=1):
     sums = np.convolve(counts, np.ones(depth, int), "valid")  # sums[s] = counts[s:s+depth].sum()
     if mode == "all":
         return [s for s in range(0, n - depth + 1, stride) if sums[s] > 0]
-    centre = (np.arange(n) * counts).sum() / counts.sum() if counts.sum() else (n - 1) / 2  # no organ: central
+    centre = ((np.arange(n) * counts).sum() / counts.sum() if counts.sum()
+              else (n - 1) / 2)  # no organ: central
     best = np.flatnonzero(sums == sums.max())
     return [int(best[np.argmin(np.abs(best + (depth - 1) / 2 - centre))])]
 
@@ -330,8 +351,9 @@ def process_case(spec, cfg):
     """Preprocess one case and write its outputs. Returns the case's record (never raises
     for bad input: the record then says 'skipped' and why)."""
     t0 = time.perf_counter()
-    rec = {"case": spec["case"], "image": str(spec["image"]), "label": str(spec["label"]) if spec["label"] else None,
-           "status": "ok", "warnings": [], "settings": cfg["settings"], "inputs": case_inputs(spec)}
+    rec = {"case": spec["case"], "image": str(spec["image"]),
+           "label": str(spec["label"]) if spec["label"] else None, "status": "ok", "warnings": [],
+           "settings": cfg["settings"], "inputs": case_inputs(spec)}
     try:
         rec.update(_process(spec, cfg, rec["warnings"]))
     except CaseError as e:
@@ -380,7 +402,8 @@ def _process(spec, cfg, warnings):
             if len(zs) == 0:
                 raise CaseError(f"dropped: missing required organ {name}")
             if zs[0] == 0 or zs[-1] == lab.shape[2] - 1:
-                raise CaseError(f"dropped as incomplete: {name} is cut by the {'first' if zs[0] == 0 else 'last'} slice")
+                raise CaseError(f"dropped as incomplete: {name} is cut by the "
+                                f"{'first' if zs[0] == 0 else 'last'} slice")
 
     n_out, ratio, aff_res = resample_grid(img.shape, aff, cfg["spacing"])
     depth, size = cfg["depth"], cfg["size"]
@@ -396,7 +419,8 @@ def _process(spec, cfg, warnings):
             raise CaseError(f"organ label {cfg['organ']} ({name}) is not in the label map")
         starts = choose_windows(counts, depth, cfg["windows"], cfg["window_stride"])
     else:
-        counts, starts = None, choose_windows(np.zeros(n_out[2], int), depth)
+        counts = None
+        starts = choose_windows(np.zeros(n_out[2], int), depth)
 
     z0, z1 = max(min(starts), 0), min(max(starts) + depth, n_out[2])
     slab = resample_image(img, ratio, n_out, (z0, z1), order=3 if cfg["interp"] == "cubic" else 1)
@@ -508,7 +532,8 @@ def main(args):
     # tuples -> lists, int keys -> str in cfg: the form it has on disk
     cfg = guard_settings(out / "config.json", settings, args.overwrite)
 
-    records, todo = {}, []
+    records = {}
+    todo = []
     for spec in cases:  # resume: keep finished cases made with these settings from these inputs
         rec_path = out / "cases" / f"{spec['case']}.json"
         rec = json.loads(rec_path.read_text()) if rec_path.exists() and not args.overwrite else None

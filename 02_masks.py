@@ -314,9 +314,12 @@ def largest_component(mask):
 
 
 def dice(pred, truth):
-    """2|A∩B| / (|A|+|B|); None when both are empty (nothing to score)."""
-    s = int(pred.sum()) + int(truth.sum())
-    return None if s == 0 else round(2.0 * int(np.logical_and(pred, truth).sum()) / s, 4)
+    """2|A∩B| / (|A| + |B|) of two boolean volumes; None when both are empty (nothing to score).
+    The one Dice of the codebase: 06 and 07 import it."""
+    total = int(pred.sum()) + int(truth.sum())
+    if total == 0:
+        return None
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
 # --------------------------------------------------------------------------- main
@@ -405,8 +408,10 @@ def main(args):
             progress.write(f"warning {name}: empty mask")
         rec.update(status="ok", organ_voxels=int((mask == 1).sum()), tumour_voxels=int((mask == 2).sum()))
         if lab is not None and args.method == "universeg":
-            rec.update(dice_organ=dice(mask == 1, np.isin(lab, args.organ)),
-                       dice_tumour=dice(mask == 2, np.isin(lab, args.tumour)) if args.tumour else None)
+            organ = dice(mask == 1, np.isin(lab, args.organ))
+            tumour = dice(mask == 2, np.isin(lab, args.tumour)) if args.tumour else None
+            rec.update(dice_organ=None if organ is None else round(organ, 4),
+                       dice_tumour=None if tumour is None else round(tumour, 4))
         write_nifti(path, mask.transpose(2, 1, 0), aff, np.uint8)  # (D, H, W) -> (X, Y, Z), the image's grid
         if args.previews:
             rows = [(img, mask, f"{name} mask")]

@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (ArgumentParser, args_record, at_least, bar, check_resume, checkpoint_parts, csv_logger,
-                    eta, first_step_line, load_checkpoint, peak_memory_gb, positive, prepare_out, print0,
-                    read_nifti, read_split, run_stage, save_checkpoint, save_json, save_preview, sizing_note,
-                    soft_tissue, start_run, teardown_distributed, training_data_record, xyz_to_dhw)
+from common import (ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, eta, first_step_line,
+                    load_checkpoint, open_resume, peak_memory_gb, positive, prepare_out, print0,
+                    read_nifti, read_split, resume, run_stage, save_checkpoint, save_json, save_preview,
+                    sizing_note, soft_tissue, start_run, teardown_distributed, training_data_record,
+                    training_state, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -448,26 +449,54 @@ def locality_loss(x, x_rec, boxes, has_box):
     return (per_sample * has_box).sum() / has_box.sum().clamp_min(1)
 
 
-def gaussian_blur3d(x, sigma=1.5, size=11):
-    g = torch.exp(-0.5 * ((torch.arange(size, dtype=x.dtype, device=x.device) - size // 2) / sigma) ** 2)
-    g = g / g.sum()
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = size
-        pad = [0] * 6
-        pad[4 - 2 * axis: 6 - 2 * axis] = [size // 2, size // 2]
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), g.view(shape))
-    return x
+def gaussian_kernel(sigma, radius, like):
+    """1-D Gaussian of σ on -radius..radius, summing to 1, in like's dtype and device: (2·radius + 1,)."""
+    r = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
+    k = torch.exp(-r**2 / (2 * sigma**2))
+    return k / k.sum()
 
 
-def ssim_map(a, b, data_range=1.0):
-    """Voxel-wise SSIM (Gaussian window 11, σ 1.5, K = 0.01, 0.03) of (B, 1, D, H, W) volumes."""
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = gaussian_blur3d(a), gaussian_blur3d(b)
-    var_a = gaussian_blur3d(a * a) - mu_a**2
-    var_b = gaussian_blur3d(b * b) - mu_b**2
-    cov = gaussian_blur3d(a * b) - mu_a * mu_b
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+def gaussian_smooth(x, kernel, pad=None):
+    """Separable smoothing of (N, C, H, W) or (N, C, D, H, W) by a 1-D kernel along each spatial
+    axis, the last axis first. pad=None: "valid" (no padding, each axis shrinks by len - 1); an axis
+    shorter than the kernel is left unsmoothed (pytorch-msssim warns and does the same).
+    pad="reflect" / "replicate": the size stays."""
+    n, c, *spatial = x.shape
+    conv = F.conv3d if len(spatial) == 3 else F.conv2d
+    x = x.reshape(n * c, 1, *spatial)                      # every channel smoothed alike
+    k = len(kernel)
+    for axis in reversed(range(len(spatial))):
+        if pad is None and x.shape[2 + axis] < k:
+            continue
+        if pad is not None:
+            widths = [0, 0] * len(spatial)                 # F.pad lists the last axis first
+            j = 2 * (len(spatial) - 1 - axis)
+            widths[j:j + 2] = [k // 2, k // 2]
+            x = F.pad(x, widths, mode=pad)
+        shape = [1] * len(spatial)
+        shape[axis] = k
+        x = conv(x, kernel.view(1, 1, *shape))
+    return x.reshape(n, c, *x.shape[2:])
+
+
+# SSIM as pytorch-msssim computes it (Wang et al. 2004): Gaussian window 11, σ 1.5, no padding
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
+
+
+def ssim_and_cs(x, y, data_range=1.0):
+    """Mean SSIM and mean contrast-structure term cs per channel of two (N, C, D, H, W) batches,
+    each (N, C); C1 = (0.01·L)², C2 = (0.03·L)² for data range L. 06's MS-SSIM builds on it."""
+    c1 = (SSIM_K[0] * data_range) ** 2
+    c2 = (SSIM_K[1] * data_range) ** 2
+    win = gaussian_kernel(SSIM_SIGMA, SSIM_WINDOW // 2, x)
+    mu_x = gaussian_smooth(x, win)
+    mu_y = gaussian_smooth(y, win)
+    var_x = gaussian_smooth(x * x, win) - mu_x**2
+    var_y = gaussian_smooth(y * y, win) - mu_y**2
+    cov = gaussian_smooth(x * y, win) - mu_x * mu_y
+    cs_map = (2 * cov + c2) / (var_x + var_y + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
+    return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
 
 
 def psnr(a, b, mask=None, data_range=1.0):
@@ -516,9 +545,9 @@ def clip_gradients(nets, opt, prec, max_norm):
     torch.nn.utils.clip_grad_norm_([p for net in nets for p in net.parameters()], max_norm)
 
 
-def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
+def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, args):
     """One step of Eq. 1 + λ·Eq. 2 for the autoencoder, then (once `gan_on`) one hinge step for both
-    discriminators. x (B, 1, D, H, W) in [-1, 1]; bx, hb the precomputed organ boxes. Returns the
+    discriminators. x (B, 1, D, H, W) in [-1, 1]; batch_boxes, batch_has_box the precomputed organ boxes. Returns the
     reconstruction and the detached losses [l1, commitment, perceptual, g_image, g_volume, feat_match,
     locality, d_loss, perplexity]. Nothing here waits for the device (bench.py times this function)."""
     (model_t, d2_t, d3_t), (opt_ae, opt_d), device = nets, opts, x.device
@@ -531,7 +560,7 @@ def train_step(nets, opts, lpips, prec, x, bx, hb, gan_on, args):
         sl, sl_rec = x[b, :, z], x_rec[b, :, z]                                # (B, 1, H, W)
         l1 = F.l1_loss(x_rec, x)
         perceptual = lpips(sl, sl_rec).mean() if lpips is not None else torch.zeros((), device=device)
-        loc = locality_loss(x, x_rec, bx, hb)
+        loc = locality_loss(x, x_rec, batch_boxes, batch_has_box)
         zero = torch.zeros((), device=device)
         g_img = g_vol = feat = zero
         if gan_on:
@@ -588,8 +617,8 @@ RESUME_KEYS = ("data", "lr", "batch_size", "l1_weight", "perceptual_weight", "im
 
 
 def main(args):
-    d, prec = start_run(args.device, args.precision, args.seed)
-    device, rank, world = d.device, d.rank, d.world_size
+    run, prec = start_run(args.device, args.precision, args.seed)
+    device, rank, world = run.device, run.rank, run.world_size
     out = args.out
     if rank == 0:
         prepare_out(out, [args.prep])
@@ -617,22 +646,13 @@ def main(args):
                              fused=device.type == "cuda")
     gen = torch.Generator(device=home).manual_seed(args.seed + 1000 * rank)  # batch sampling
 
-    step, ckpt_path = 0, out / "ckpt.pt"
-    if ckpt_path.exists() and not args.fresh:
-        ck = checkpoint_parts(load_checkpoint(ckpt_path, map_location=device), ckpt_path,
-                              ("model_kwargs", "model", "args", "step"), "03_vqgan.py")
-        if ck["model_kwargs"] != model.kwargs:
-            raise SystemExit(f"error: {ckpt_path} holds a model with {ck['model_kwargs']}; this run asks for "
-                             f"{model.kwargs}. Use another --out, or --fresh to start again")
-        check_resume(ck["args"], args_record(args), RESUME_KEYS, ckpt_path)
-        model.load_state_dict(ck["model"]), disc2d.load_state_dict(ck["disc2d"]), disc3d.load_state_dict(ck["disc3d"])
-        opt_ae.load_state_dict(ck["opt_ae"]), opt_d.load_state_dict(ck["opt_d"]), prec.scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-        gen.set_state(ck["rng"]["batch"])
-        step = ck["step"]
-        print0(f"resumed from {ckpt_path} at step {step}")
+    # everything a resumed run needs, by the names the checkpoint stores them under
+    parts = {"model": model, "disc2d": disc2d, "disc3d": disc3d, "opt_ae": opt_ae, "opt_d": opt_d,
+             "scaler": prec.scaler}
+    ckpt_path = out / "ckpt.pt"
+    ckpt = open_resume(ckpt_path, args.fresh, ("model_kwargs", "model", "args", "step"), "03_vqgan.py",
+                     args, RESUME_KEYS, device)
+    step = 0 if ckpt is None else resume(ckpt, ckpt_path, parts, gen, device, model.kwargs)
     if world > 1:
         if device.type == "cuda":  # BatchNorm statistics over all GPUs (the reference used SyncBatchNorm)
             disc2d, disc3d = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (disc2d, disc3d))
@@ -646,15 +666,9 @@ def main(args):
     def save(step):
         if rank != 0:
             return
-        rng = {"torch": torch.get_rng_state(), "batch": gen.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint({"step": step, "args": args_record(args),
-                         "model_kwargs": model.kwargs, "model": model.state_dict(), "disc2d": disc2d.state_dict(),
-                         "disc3d": disc3d.state_dict(), "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
-                         "scaler": prec.scaler.state_dict(), "rng": rng}, ckpt_path)
+        save_checkpoint(training_state(step, args, model.kwargs, parts, gen, device), ckpt_path)
         with torch.no_grad():  # preview: first sample of the last batch, box drawn
-            b = box_mask(bx[:1], shape)[0, 0].cpu().numpy().astype(np.uint8)
+            b = box_mask(batch_boxes[:1], shape)[0, 0].cpu().numpy().astype(np.uint8)
             save_preview(out / "previews" / f"step{step:07d}.png", [(x[0, 0] + 1) / 2, (x_rec[0, 0].float().clamp(-1, 1) + 1) / 2],
                          [b, b], ["input", f"reconstruction, step {step}"], vrange=soft_tissue(args.prep),
                          names={1: "organ box"})
@@ -676,9 +690,9 @@ def main(args):
     while step < args.steps:
         idx = torch.randint(n_train, (args.batch_size,), generator=gen, device=home)
         x = to_device(vols[idx]).float() * 2 - 1                                    # (B, 1, D, H, W) in [-1, 1]
-        bx, hb = to_device(boxes[idx]), to_device(has_box[idx])                     # precomputed boxes (B, 6)
+        batch_boxes, batch_has_box = to_device(boxes[idx]), to_device(has_box[idx])                     # precomputed boxes (B, 6)
         gan_on = step >= args.disc_start  # disc_factor of the reference: 0 before, 1 after
-        x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, bx, hb, gan_on, args)
+        x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, batch_boxes, batch_has_box, gan_on, args)
         step += 1
         sums += stats
         if step == first:
@@ -714,7 +728,8 @@ def main(args):
 
 @torch.no_grad()
 def evaluate(model, prep, names, out, device, prec):
-    """PSNR and SSIM on the test split, holistic and inside the mask's box, in [0, 1] units."""
+    """PSNR and SSIM on the test split, in [0, 1] units: of the whole volume and inside the mask's
+    box (PSNR over the box's voxels, SSIM of the box's sub-volume)."""
     test = load_split(prep, names)
     if test is None:
         print("no test volumes in split.json: metrics skipped")
@@ -727,11 +742,13 @@ def evaluate(model, prep, names, out, device, prec):
         with prec.autocast():
             rec = model(x * 2 - 1)[0].float()
         rec = ((rec.clamp(-1, 1) + 1) / 2)
-        s = ssim_map(x, rec)
-        r = {"case": name, "psnr": psnr(x, rec), "ssim": float(s.mean())}
+        r = {"case": name, "psnr": psnr(x, rec), "ssim": float(ssim_and_cs(x, rec)[0].mean())}
         if h:
             m = box_mask(b[None].to(device), x.shape[2:])
-            r.update(psnr_box=psnr(x, rec, m), ssim_box=float(s[m].mean()))
+            z0, z1, y0, y1, x0, x1 = b.tolist()
+            inside = (..., slice(z0, z1), slice(y0, y1), slice(x0, x1))  # the box's sub-volume
+            ssim_box = float(ssim_and_cs(x[inside], rec[inside])[0].mean())
+            r.update(psnr_box=psnr(x, rec, m), ssim_box=ssim_box)
         rows.append(r)
     mean = lambda k: round(float(np.mean([r[k] for r in rows if k in r])), 4) if any(k in r for r in rows) else None
     metrics = {k: mean(k) for k in ("psnr", "ssim", "psnr_box", "ssim_box")}

@@ -50,11 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (MASK_NAMES, ArgumentParser, args_record, at_least, bar, check_resume, checkpoint_parts,
-                    csv_logger, duration, eta, file_fingerprint, first_step_line, free_memory, in_range,
-                    load_checkpoint, load_stage, peak_memory_gb, positive, prepare_out, print0, read_nifti,
-                    read_split, run_stage, save_checkpoint, save_preview, sizing_note, soft_tissue,
-                    start_run, teardown_distributed, training_data_record, xyz_to_dhw)
+from common import (MASK_NAMES, ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, duration,
+                    eta, file_fingerprint, first_step_line, free_memory, in_range, load_checkpoint,
+                    load_stage, open_resume, peak_memory_gb, positive, prepare_out, print0, read_nifti,
+                    read_split, resume, run_stage, save_checkpoint, save_preview, sizing_note,
+                    soft_tissue, start_run, teardown_distributed, training_data_record,
+                    training_state, xyz_to_dhw)
 
 
 def get_args(argv=None):
@@ -467,31 +468,31 @@ def per_sample_noise(generators, shape, device):
 
 
 @torch.no_grad()
-def sample_latents(diffusion, denoiser, cond, shape, w, sampler, steps, generators, device, precision,
+def sample_latents(ddpm, denoiser, cond, shape, w, sampler, steps, generators, device, precision,
                    desc=None):
     """DDPM (ancestral, all T steps) or DDIM (deterministic, `steps` steps, η = 0), guided by Eq. 4."""
     z = per_sample_noise(generators, shape, device)
-    ts = list(reversed(range(diffusion.T))) if sampler == "ddpm" else \
-        sorted(set(np.linspace(0, diffusion.T - 1, steps).round().astype(int).tolist()), reverse=True)
+    ts = list(reversed(range(ddpm.T))) if sampler == "ddpm" else \
+        sorted(set(np.linspace(0, ddpm.T - 1, steps).round().astype(int).tolist()), reverse=True)
     for k, i in enumerate(bar(ts, desc=desc, unit="step")):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         with precision.autocast():
             eps = guided_eps(denoiser, z, t, cond, w).float()
         if sampler == "ddpm":
-            z = diffusion.p_step(z, t, eps, per_sample_noise(generators, shape, device))
+            z = ddpm.p_step(z, t, eps, per_sample_noise(generators, shape, device))
         else:
-            z = ddim_step(diffusion, z, t, eps, ts[k + 1] if k + 1 < len(ts) else -1)
+            z = ddim_step(ddpm, z, t, eps, ts[k + 1] if k + 1 < len(ts) else -1)
     return z
 
 
-def ddim_step(diffusion, z, t, eps, t_prev):
+def ddim_step(ddpm, z, t, eps, t_prev):
     """DDIM (Song et al. 2021), η = 0: x̂0 (clipped), ε recomputed from it, then z at t_prev."""
-    ab = diffusion._at(diffusion.alphas_cumprod, t, z)
-    x0 = diffusion.predict_x0(z, t, eps).clamp(-1, 1)
+    ab = ddpm._at(ddpm.alphas_cumprod, t, z)
+    x0 = ddpm.predict_x0(z, t, eps).clamp(-1, 1)
     if t_prev < 0:
         return x0
     eps = (z - ab.sqrt() * x0) / (1 - ab).sqrt()
-    ab_prev = diffusion.alphas_cumprod[t_prev]
+    ab_prev = ddpm.alphas_cumprod[t_prev]
     return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
 
 
@@ -520,6 +521,20 @@ def encode_all(vqgan, arrays, device, batch=4):
     return torch.cat(out)
 
 
+def locality_condition(vqgan, masks, device, workers=1):
+    """The locality condition of (D, H, W) label masks (§3.3), on the CPU: content, the masks
+    (labels 0/1/2 as floats) through the VQ-GAN encoder, (N, C, d, h, w); structure, their Betti
+    vectors, (N, D·6) int64. 04 computes it once per training mask, 05 per sample."""
+    if workers > 1:
+        with ProcessPoolExecutor(min(workers, len(masks))) as pool:
+            vectors = list(bar(pool.map(betti_vector, masks), total=len(masks), desc="Betti"))
+    else:
+        vectors = [betti_vector(m) for m in bar(masks, desc="Betti")]
+    betti = torch.from_numpy(np.stack(vectors))
+    mask_latent = encode_all(vqgan, [m.astype(np.float32) for m in masks], device)
+    return mask_latent, betti
+
+
 def build_cache(args, names, vqgan, device):
     """Latents of the volumes ([0, 1] -> [-1, 1] -> encoder), of the masks (labels 0/1/2 as
     floats -> encoder), Betti vectors; reused while the VQ-GAN checkpoint is unchanged."""
@@ -541,40 +556,37 @@ def build_cache(args, names, vqgan, device):
         if not mp.exists():
             raise SystemExit(f"error: {mp} not found: run 02_masks.py first")
         masks.append(xyz_to_dhw(read_nifti(mp, None)[0]))
-    with ProcessPoolExecutor(max(1, min(args.workers, len(masks)))) as pool:
-        vectors = bar(pool.map(betti_vector, masks), total=len(masks), desc="Betti")
-        betti = torch.from_numpy(np.stack(list(vectors)))
+    mask_latent, betti = locality_condition(vqgan, masks, device, args.workers)
     lo, hi = latent_scale(vqgan)
     cache = {"key": key, "names": names, "scale": [lo, hi],
              "latents": latents_to_unit(encode_all(vqgan, vols, device), lo, hi),
-             "mask_latents": encode_all(vqgan, [m.astype(np.float32) for m in masks], device),
-             "betti": betti, "masks": torch.from_numpy(np.stack(masks))}
+             "mask_latents": mask_latent, "betti": betti, "masks": torch.from_numpy(np.stack(masks))}
     save_checkpoint(cache, path)
     print0(f"encoded {len(names)} volumes and masks, {len(names)} Betti vectors in {time.perf_counter() - t0:.1f} s -> {path}")
     return cache
 
 
 # --------------------------------------------------------------------------- training step
-def train_step(model_t, diffusion, opt, prec, data, batch_size, grad_accum, p_uncond, gen, micro=None,
+def train_step(model_t, ddpm, opt, prec, data, batch_size, grad_accum, p_uncond, gen, micro=None,
                after_micro=None):
     """One optimiser step: `grad_accum` batches of `batch_size` drawn on the device from
     data = (latents, mask latents, Betti vectors), all resident there. A batch's random draws are
     made at once, then it runs forward and backward in pieces of `micro` samples (default: whole):
     the same step, in less memory. Returns the detached loss (a device tensor: nothing here waits
     for the device; bench.py times this function). `after_micro(i, n)` is called after piece i of n."""
-    z0, mz, betti = data
+    z0, mask_latents, betti = data
     opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=z0.device)
     micro = micro or batch_size
     pieces = [slice(s, s + micro) for s in range(0, batch_size, micro)]
     for _ in range(grad_accum):
         idx = torch.randint(len(z0), (batch_size,), device=z0.device, generator=gen)
-        x0, cond = z0[idx], (mz[idx], betti[idx])
-        draws = diffusion.draw(x0, p_uncond, gen)
+        x0, cond = z0[idx], (mask_latents[idx], betti[idx])
+        draws = ddpm.draw(x0, p_uncond, gen)
         for i, part in enumerate(pieces):
             share = len(idx[part]) / batch_size / grad_accum  # the piece's mean -> its share of the batch's
             with prec.autocast():
-                loss = diffusion.loss(model_t, x0[part], tuple(c[part] for c in cond), p_uncond,
+                loss = ddpm.loss(model_t, x0[part], tuple(c[part] for c in cond), p_uncond,
                                       draws=tuple(d[part] for d in draws)) * share
             prec.scaler.scale(loss).backward()
             total += loss.detach().float()
@@ -585,10 +597,10 @@ def train_step(model_t, diffusion, opt, prec, data, batch_size, grad_accum, p_un
     return total
 
 
-def activation_bytes(model, diffusion, data, prec, p_uncond):
+def activation_bytes(model, ddpm, data, prec, p_uncond):
     """What autograd keeps from one sample's forward pass (the bulk of a training step's memory,
     per sample): the storages its saved tensors use, counted once each."""
-    z0, mz, betti = data
+    z0, mask_latents, betti = data
     seen, total = set(), 0
 
     def keep(t):
@@ -600,7 +612,7 @@ def activation_bytes(model, diffusion, data, prec, p_uncond):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), prec.autocast():
-        diffusion.loss(model, z0[:1], (mz[:1], betti[:1]), p_uncond, torch.Generator(device=z0.device))
+        ddpm.loss(model, z0[:1], (mask_latents[:1], betti[:1]), p_uncond, torch.Generator(device=z0.device))
     return total
 
 
@@ -642,47 +654,38 @@ RESUME_KEYS = ("data", "vqgan_sha1", "timesteps", "p_uncond", "lr", "batch_size"
 
 
 def main(args):
-    d, prec = start_run(args.device, args.precision, args.seed)
-    device, rank, world = d.device, d.rank, d.world_size
-    vq = load_stage("03_vqgan")
+    run, prec = start_run(args.device, args.precision, args.seed)
+    device, rank, world = run.device, run.rank, run.world_size
     if rank == 0:
         prepare_out(args.out, [args.prep, args.vqgan])
-    vqgan = vq.load_vqgan(args.vqgan, device)
+    vqgan = load_stage("03_vqgan").load_vqgan(args.vqgan, device)
     split = read_split(args.prep, masks=True)  # a volume without a mask (02 skipped it) is left out
     if not split["train"]:
         raise SystemExit(f"error: no training volume with a mask in {args.prep}: run 02_masks.py first")
     # what this run trains on: a resume with another VQ-GAN or other data is refused, and 05 checks the VQ-GAN
     args.data = training_data_record(args.prep, split["train"])
     args.vqgan_sha1 = file_fingerprint(args.vqgan)
-    step, ckpt_path, ck = 0, args.out / "ckpt.pt", None
-    if ckpt_path.exists() and not args.fresh:  # checked before anything in --out is rebuilt
-        ck = checkpoint_parts(load_checkpoint(ckpt_path, map_location=device), ckpt_path,
-                              ("model_kwargs", "model", "ema", "args", "step"), "04_diffusion.py")
-        check_resume(ck["args"], args_record(args), RESUME_KEYS, ckpt_path)
+    ckpt_path = args.out / "ckpt.pt"  # checked before anything in --out is rebuilt
+    ckpt = open_resume(ckpt_path, args.fresh, ("model_kwargs", "model", "ema", "args", "step"),
+                     "04_diffusion.py", args, RESUME_KEYS, device)
     cache = build_cache(args, split["train"], vqgan, device) if rank == 0 else None
     if world > 1:
         dist.barrier()  # the other ranks read what rank 0 built
     cache = cache or load_checkpoint(args.out / "cache.pt")
     lo, hi = cache["scale"]
-    z0, mz, betti = cache["latents"].to(device), cache["mask_latents"].to(device), cache["betti"].to(device)
+    z0, mask_latents, betti = cache["latents"].to(device), cache["mask_latents"].to(device), cache["betti"].to(device)
     n_train, latent_shape, depth = len(z0), tuple(z0.shape[1:]), cache["masks"].shape[1]
 
     model = Denoiser(dict(mode=args.cond, latent_shape=latent_shape, depth=depth),
                      dict(channels=latent_shape[0], dim=args.dim, dim_mults=args.dim_mults, heads=args.attn_heads,
                           dim_head=args.attn_dim_head)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    diffusion = GaussianDiffusion(args.timesteps).to(device)
+    ddpm = GaussianDiffusion(args.timesteps).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
 
-    if ck is not None:
-        if ck["model_kwargs"] != model.kwargs:
-            raise SystemExit(f"error: {ckpt_path} holds a model with {ck['model_kwargs']}; this run asks for "
-                             f"{model.kwargs}. Use another --out, or --fresh")
-        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
-        prec.scaler.load_state_dict(ck["scaler"]), torch.set_rng_state(ck["rng"]["torch"]), gen.set_state(ck["rng"]["gen"])
-        step = ck["step"]
-        print0(f"resumed from {ckpt_path} at step {step}")
+    parts = {"model": model, "ema": ema, "opt": opt, "scaler": prec.scaler}  # what a resume restores
+    step = 0 if ckpt is None else resume(ckpt, ckpt_path, parts, gen, device, model.kwargs)
     model_t = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     model_t = torch.compile(model_t) if args.compile else model_t
     if args.n_preview is None:  # a preview costs minutes at the paper's size on a CPU: asked for there
@@ -694,24 +697,22 @@ def main(args):
     def save(step):
         if rank != 0:
             return
-        rng = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
-        save_checkpoint({"step": step, "args": args_record(args),
-                         "model_kwargs": model.kwargs, "timesteps": args.timesteps, "latent_scale": [lo, hi],
-                         "vqgan": str(args.vqgan), "vqgan_sha1": args.vqgan_sha1,
-                         "model": model.state_dict(), "ema": ema.state_dict(),
-                         "opt": opt.state_dict(), "scaler": prec.scaler.state_dict(), "rng": rng}, ckpt_path)
+        state = training_state(step, args, model.kwargs, parts, gen, device, timesteps=args.timesteps,
+                               latent_scale=[lo, hi], vqgan=str(args.vqgan), vqgan_sha1=args.vqgan_sha1)
+        save_checkpoint(state, ckpt_path)
         if test_names:
             preview(step)
 
     # the held-out masks of the previews and their conditions, prepared once
     masks = [xyz_to_dhw(read_nifti(args.prep / "masks" / f"{n}.nii.gz", None)[0]) for n in test_names]
-    cond = (encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device),
-            torch.from_numpy(np.stack([betti_vector(m) for m in masks])).to(device)) if masks else None
+    cond = None
+    if masks:
+        cond = tuple(c.to(device) for c in locality_condition(vqgan, masks, device))
 
     @torch.no_grad()
     def preview(step):  # EMA samples conditioned on held-out masks, decoded, mask outlined
         gens = [torch.Generator().manual_seed(i) for i in range(len(masks))]
-        z = sample_latents(diffusion, ema, cond, (len(masks), *latent_shape), args.preview_guidance, "ddim",
+        z = sample_latents(ddpm, ema, cond, (len(masks), *latent_shape), args.preview_guidance, "ddim",
                            args.preview_steps, gens, device, prec, desc=f"preview, step {step}")
         decoded = vqgan.decode(latents_from_unit(z, lo, hi), quantize=True).float()    # (N, 1, D, H, W)
         vols = ((decoded.clamp(-1, 1) + 1) / 2)[:, 0]
@@ -729,7 +730,7 @@ def main(args):
                          start_step=step, enabled=rank == 0)
     micro = args.micro_batch
     if not micro:  # a batch that does not fit in memory runs in pieces (a CPU would be killed, a GPU raise)
-        per_sample = activation_bytes(model, diffusion, (z0, mz, betti), prec, args.p_uncond)
+        per_sample = activation_bytes(model, ddpm, (z0, mask_latents, betti), prec, args.p_uncond)
         free = free_memory(device)
         micro = fitting_micro_batch(per_sample, args.batch_size, free)
         if micro < args.batch_size:
@@ -750,7 +751,7 @@ def main(args):
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
     while step < args.steps:
-        loss_sum += train_step(model_t, diffusion, opt, prec, (z0, mz, betti), args.batch_size, args.grad_accum,
+        loss_sum += train_step(model_t, ddpm, opt, prec, (z0, mask_latents, betti), args.batch_size, args.grad_accum,
                                args.p_uncond, gen, micro, first_piece if step + 1 == first else None)
         step += 1
         ema_update(ema_params, params, step, args.ema_start, args.ema_every, args.ema_decay)
@@ -774,12 +775,12 @@ def main(args):
 
 
 def load_denoiser(path, device="cpu", ema=True):
-    """Rebuild the (EMA) denoiser and its diffusion from a 04 checkpoint alone."""
-    ck = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path,
+    """Rebuild the (EMA) denoiser and its DDPM from a 04 checkpoint alone."""
+    ckpt = checkpoint_parts(load_checkpoint(path, map_location="cpu"), path,
                           ("model_kwargs", "ema", "timesteps"), "04_diffusion.py")
-    model = Denoiser(**ck["model_kwargs"])
-    model.load_state_dict(ck["ema" if ema else "model"])
-    return model.to(device).eval().requires_grad_(False), GaussianDiffusion(ck["timesteps"]).to(device), ck
+    model = Denoiser(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model.to(device).eval().requires_grad_(False), GaussianDiffusion(ckpt["timesteps"]).to(device), ckpt
 
 
 if __name__ == "__main__":

@@ -150,27 +150,27 @@ def condition_plan(names, n_original, n_augmented):
 
 # --------------------------------------------------------------------------- main
 def main(args):
-    dist_, prec = start_run(args.device, args.precision, args.seed)
-    device, rank, world = dist_.device, dist_.rank, dist_.world_size
+    run, prec = start_run(args.device, args.precision, args.seed)
+    device, rank, world = run.device, run.rank, run.world_size
     if rank == 0:
         prepare_out(args.out, [args.prep, args.vqgan, args.diffusion])
-    dm, vq = load_stage("04_diffusion"), load_stage("03_vqgan")
-    vqgan = vq.load_vqgan(args.vqgan, device)
-    denoiser, diffusion, ck = dm.load_denoiser(args.diffusion, device)
+    diffusion = load_stage("04_diffusion")
+    vqgan = load_stage("03_vqgan").load_vqgan(args.vqgan, device)
+    denoiser, ddpm, ckpt = diffusion.load_denoiser(args.diffusion, device)
     vqgan_sha1 = file_fingerprint(args.vqgan)
-    if ck.get("vqgan_sha1", vqgan_sha1) != vqgan_sha1:  # latents mean something only to their own VQ-GAN
+    if ckpt.get("vqgan_sha1", vqgan_sha1) != vqgan_sha1:  # latents mean something only to their own VQ-GAN
         raise SystemExit(f"error: --diffusion {args.diffusion} was trained on the latents of another VQ-GAN "
-                         f"than --vqgan {args.vqgan} (it names {ck['vqgan']}); pass that one")
+                         f"than --vqgan {args.vqgan} (it names {ckpt['vqgan']}); pass that one")
     if args.compile:
         denoiser.unet = torch.compile(denoiser.unet)
-    lo_z, hi_z = ck["latent_scale"]
+    lo_z, hi_z = ckpt["latent_scale"]
     if not (args.prep / "config.json").is_file():
         raise SystemExit(f"error: {args.prep / 'config.json'} not found: --prep must be 01's output")
     hu_lo, hu_hi = json.loads((args.prep / "config.json").read_text())["hu"]
     names = read_split(args.prep, masks=True)["train"]
     if not names:
         raise SystemExit(f"error: {args.prep}: no training case with a 02 mask, so no mask to condition on")
-    latent_shape = tuple(ck["model_kwargs"]["extractor_kwargs"]["latent_shape"])
+    latent_shape = tuple(ckpt["model_kwargs"]["extractor_kwargs"]["latent_shape"])
     made = [n * f for n, f in zip(latent_shape[1:], vqgan.kwargs["downsample"])]  # (D, H, W) of a sample
     grid = list(xyz_to_dhw(read_nifti(args.prep / "masks" / f"{names[0]}.nii.gz", None)[0]).shape)
     if grid != made:  # the masks give each sample its place in the world (affine): they must fit
@@ -181,7 +181,7 @@ def main(args):
     # what makes this folder: a rerun with other settings or checkpoints would mix two sets (refused)
     settings = {k: getattr(args, k) for k in ("flip_prob", "rotate", "scale", "translate", "elastic_alpha",
                                               "elastic_sigma", "guidance", "sampler", "seed")}
-    settings.update(steps=args.steps if args.sampler == "ddim" else diffusion.T, n_original=n_original,
+    settings.update(steps=args.steps if args.sampler == "ddim" else ddpm.T, n_original=n_original,
                     n_augmented=n_augmented, prep=str(args.prep.resolve()), vqgan=vqgan_sha1,
                     masks=file_fingerprint(args.prep / "masks" / "config.json")  # 02 redone: other conditions
                     if (args.prep / "masks" / "config.json").is_file() else None,
@@ -200,7 +200,7 @@ def main(args):
     print0(f"{len(plan)} samples in the plan ({n_original} on original masks, {n_augmented} on augmented masks), "
            f"{len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
-           f"condition '{ck['model_kwargs']['extractor_kwargs']['mode']}', on {device} ({prec.name})")
+           f"condition '{ckpt['model_kwargs']['extractor_kwargs']['mode']}', on {device} ({prec.name})")
     if latent_shape[-1] * latent_shape[-2] >= 32 * 32:  # the paper's latents are 8×8×64×64
         sizing_note(device, "×".join(map(str, latent_shape)) + f" latents, {args.sampler}",
                     "the checkpoints of `make demo` (8×4×16×16 latents), --sampler ddim --steps 50")
@@ -221,13 +221,12 @@ def main(args):
             records.append({"id": sid, "case": case, "mask": "augmented" if augmented else "original",
                             "augmentation": how, "seed": [args.seed, i]})
             gens.append(torch.Generator().manual_seed(int(np.random.default_rng([args.seed, i, 2]).integers(2**62))))
-        mask_latent = dm.encode_all(vqgan, [m.astype(np.float32) for m in masks], device).to(device)
-        betti = torch.from_numpy(np.stack([dm.betti_vector(m) for m in masks])).to(device)
-        z = dm.sample_latents(diffusion, denoiser, (mask_latent, betti), (len(batch), *latent_shape),
+        cond = tuple(c.to(device) for c in diffusion.locality_condition(vqgan, masks, device))  # Eq. 3's c
+        z = diffusion.sample_latents(ddpm, denoiser, cond, (len(batch), *latent_shape),
                               args.guidance, args.sampler, args.steps, gens, device, prec,
                               desc=f"batch {b // args.batch_size + 1}")
         with torch.no_grad(), prec.autocast():
-            vols = vqgan.decode(dm.latents_from_unit(z, lo_z, hi_z), quantize=True).float()
+            vols = vqgan.decode(diffusion.latents_from_unit(z, lo_z, hi_z), quantize=True).float()
         if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
             raise SystemExit(f"error: sampling {batch[0][0]}... gave NaN or inf: the checkpoints or "
                              f"--precision {prec.name} are not usable; nothing of this batch was written")

@@ -58,7 +58,8 @@ from common import (ArgumentParser, at_least, atomic_path, bar, check_masks_curr
                     in_range, load_stage, named_dir, pick_device, prepare_out, read_nifti, read_split,
                     run_stage, save_figure, save_json, seed_everything, sizing_note, xyz_to_dhw)
 
-vqgan = load_stage("03_vqgan")  # mask_box
+dice = load_stage("02_masks").dice  # one Dice: None for two empty masks
+vqgan = load_stage("03_vqgan")  # mask_box, ssim_and_cs
 
 RANDOM_NOTE = "random features — not comparable to the paper"
 
@@ -145,9 +146,10 @@ class ZeroPadShortcut(nn.Module):
         return torch.cat([x, zeros], 1)
 
 
-def conv_bn_shortcut(in_channels, out_channels, stride):
-    """Shortcut B: 1×1×1 conv (stride) + BN, keys downsample.0.weight and downsample.1.*."""
-    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels))
+def conv_bn_shortcut(in_channels, out_channels, stride, dims=3):
+    """Shortcut B: 1×1(×1) conv (stride) + BN, keys downsample.0.weight and downsample.1.*."""
+    conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    return nn.Sequential(conv(in_channels, out_channels, 1, stride=stride, bias=False), bn(out_channels))
 
 
 class BasicBlock(nn.Module):
@@ -192,6 +194,24 @@ class Bottleneck(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
+def resnet_layer(block, in_channels, planes, n, stride=1, dilation=1, first_dilation=None,
+                 shortcut="B", dims=3):
+    """One ResNet layer: n blocks, the first with the stride, `first_dilation` (default: the
+    layer's) and, where the shape changes, the shortcut (A: zero-padded, B: conv + BN). MedicalNet
+    gives every block of a layer its dilation; torchvision (07) keeps the previous one in the first."""
+    out_channels = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        if shortcut == "A":
+            downsample = ZeroPadShortcut(out_channels, stride)
+        else:
+            downsample = conv_bn_shortcut(in_channels, out_channels, stride, dims)
+    first = first_dilation or dilation
+    layers = [block(in_channels, planes, stride, first, downsample, dims)]
+    layers += [block(out_channels, planes, 1, dilation, dims=dims) for _ in range(1, n)]
+    return nn.Sequential(*layers)
+
+
 class MedicalNet(nn.Module):
     """Med3D 3-D ResNet-{10, 18, 34, 50, 101, 152, 200} as a feature extractor.
 
@@ -209,25 +229,12 @@ class MedicalNet(nn.Module):
         self.conv1 = nn.Conv3d(1, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
-        self.in_channels = 64
-        self.layer1 = self.make_layer(block, 64, blocks[0], stride=1, dilation=1)
-        self.layer2 = self.make_layer(block, 128, blocks[1], stride=2, dilation=1)
-        self.layer3 = self.make_layer(block, 256, blocks[2], stride=1, dilation=2)
-        self.layer4 = self.make_layer(block, 512, blocks[3], stride=1, dilation=4)
-        self.out_features = 512 * block.expansion
-
-    def make_layer(self, block, planes, n, stride, dilation):
-        """n blocks; the first takes the stride and, where the shape changes, the shortcut
-        (all blocks of a layer share its dilation, as in the release)."""
-        out_channels = planes * block.expansion
-        downsample = None
-        if stride != 1 or self.in_channels != out_channels:
-            downsample = (ZeroPadShortcut(out_channels, stride) if self.shortcut == "A"
-                          else conv_bn_shortcut(self.in_channels, out_channels, stride))
-        layers = [block(self.in_channels, planes, stride, dilation, downsample)]
-        self.in_channels = out_channels
-        layers += [block(out_channels, planes, 1, dilation) for _ in range(1, n)]
-        return nn.Sequential(*layers)
+        e = block.expansion
+        self.layer1 = resnet_layer(block, 64, 64, blocks[0], shortcut=shortcut)
+        self.layer2 = resnet_layer(block, 64 * e, 128, blocks[1], stride=2, shortcut=shortcut)
+        self.layer3 = resnet_layer(block, 128 * e, 256, blocks[2], dilation=2, shortcut=shortcut)
+        self.layer4 = resnet_layer(block, 256 * e, 512, blocks[3], dilation=4, shortcut=shortcut)
+        self.out_features = 512 * e
 
     def forward(self, x):  # (N, 1, D, H, W) -> (N, F)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -379,67 +386,29 @@ def mmd(a, b):
 
 
 # --------------------------------------------------------------------------- MS-SSIM in 3-D
-# pytorch-msssim (VainF/pytorch-msssim pytorch_msssim/ssim.py) semantics on (N, C, D, H, W), depth first.
+# pytorch-msssim (VainF/pytorch-msssim pytorch_msssim/ssim.py) semantics on (N, C, D, H, W), on 03's SSIM.
 # Medical Diffusion's own 3-D MS-SSIM raises the last scale to the wrong power; we do not copy that.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-SSIM_WIN, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
-
-
-def gaussian_window(size=SSIM_WIN, sigma=SSIM_SIGMA):
-    """1-D Gaussian, centred on size // 2, summing to 1: (size,) float64."""
-    r = torch.arange(size, dtype=torch.float64) - size // 2
-    g = torch.exp(-r**2 / (2 * sigma**2))
-    return g / g.sum()
-
-
-def gaussian_filter(x, win):
-    """Separable Gaussian smoothing of (N, C, D, H, W), "valid" (no padding), along D, H, W in turn.
-    An axis shorter than the window is not smoothed (with a warning, as pytorch-msssim): at the coarse
-    scales of a 32-slice volume the depth axis (4, 2 slices) is shorter than 11."""
-    c, k = x.shape[1], len(win)
-    for axis in range(3):
-        if x.shape[2 + axis] < k:
-            warnings.warn(f"ms_ssim_3d: axis {'DHW'[axis]} of {tuple(x.shape)} is shorter than the {k}-voxel "
-                          "window; not smoothed along it")
-            continue
-        shape = [1, 1, 1]
-        shape[axis] = k
-        x = F.conv3d(x, win.reshape(1, 1, *shape).expand(c, 1, *shape), groups=c)
-    return x
-
-
-def ssim_and_cs(x, y, data_range, win):
-    """Per-channel mean SSIM and contrast-structure term cs, each (N, C), with C1 = (0.01·L)², C2 = (0.03·L)²."""
-    c1, c2 = (SSIM_K[0] * data_range) ** 2, (SSIM_K[1] * data_range) ** 2
-    mu1, mu2 = gaussian_filter(x, win), gaussian_filter(y, win)
-    s11 = gaussian_filter(x * x, win) - mu1**2
-    s22 = gaussian_filter(y * y, win) - mu2**2
-    s12 = gaussian_filter(x * y, win) - mu1 * mu2
-    cs_map = (2 * s12 + c2) / (s11 + s22 + c2)
-    ssim_map = (2 * mu1 * mu2 + c1) / (mu1**2 + mu2**2 + c1) * cs_map
-    return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
 
 
 def ms_ssim_3d(x, y, data_range):
     """MS-SSIM of two (N, C, D, H, W) batches -> (N,), averaged over channels (the caller averages over N).
 
-    5 scales with weights MS_SSIM_WEIGHTS; between scales avg_pool3d(kernel 2) with padding 1 on odd axes
-    (zeros counted in the mean, as pytorch-msssim); ReLU on each cs and on the last SSIM;
-    result ∏_{i<5} cs_i^{w_i} · ssim_5^{w_5}. Unlike pytorch-msssim there is no minimum-size assert: axes
-    shorter than the 11-voxel window are simply not smoothed (gaussian_filter), and an axis pooled down to
-    one voxel is not pooled further (so 8 or 12 slices work). The separable filters
-    commute, so "depth first" only fixes the order of round-off. Computed in float64 for float64 inputs,
-    else float32."""
+    5 scales with weights MS_SSIM_WEIGHTS; between scales avg_pool3d(kernel 2) with padding 1 on
+    odd axes (zeros counted in the mean, as pytorch-msssim); ReLU on each cs and on the last SSIM;
+    result ∏_{i<5} cs_i^{w_i} · ssim_5^{w_5}. Unlike pytorch-msssim there is no minimum-size assert:
+    axes shorter than the 11-voxel window are not smoothed (03's gaussian_smooth), and an axis
+    pooled down to one voxel is not pooled further (so 8 or 12 slices work). Computed in float64
+    for float64 inputs, else float32."""
     if x.shape != y.shape or x.ndim != 5:
         raise ValueError(f"ms_ssim_3d expects two (N, C, D, H, W) tensors of one shape, "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(dtype), y.to(dtype)
-    win = gaussian_window().to(x.device, dtype)
     weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=dtype, device=x.device)
     mcs = []
     for scale in range(len(weights)):
-        ssim, cs = ssim_and_cs(x, y, data_range, win)
+        ssim, cs = vqgan.ssim_and_cs(x, y, data_range)
         if scale < len(weights) - 1:
             mcs.append(F.relu(cs))
             kernel = [2 if s > 1 else 1 for s in x.shape[2:]]  # an axis down to one voxel stays one voxel
@@ -458,12 +427,10 @@ def diversity(vols, pairs, rng, batch=8):
     every = [(i, j) for i in range(n) for j in range(i + 1, n)]
     chosen = every if len(every) <= pairs else [every[k] for k in rng.choice(len(every), pairs, replace=False)]
     total = 0.0
-    with warnings.catch_warnings():  # short axes at the coarse scales are expected (see gaussian_filter)
-        warnings.simplefilter("ignore")
-        for s in bar(range(0, len(chosen), batch), desc="MS-SSIM pairs"):
-            i, j = map(list, zip(*chosen[s:s + batch]))
-            x, y = torch.from_numpy(vols[i])[:, None], torch.from_numpy(vols[j])[:, None]
-            total += ms_ssim_3d(x, y, 1.0).sum().item()
+    for s in bar(range(0, len(chosen), batch), desc="MS-SSIM pairs"):
+        i, j = map(list, zip(*chosen[s:s + batch]))
+        x, y = torch.from_numpy(vols[i])[:, None], torch.from_numpy(vols[j])[:, None]
+        total += ms_ssim_3d(x, y, 1.0).sum().item()
     return total / len(chosen)
 
 
@@ -569,12 +536,12 @@ def file_key(pairs):
     return h.hexdigest()[:16]
 
 
-def cached_features(cache_dir, tag, key, compute):
-    """Features from cache_dir/<tag>_<key>.npy, or compute() and store them (atomically)."""
+def cached_features(cache_dir, tag, key, compute, vols):
+    """Features from cache_dir/<tag>_<key>.npy, or compute(vols) and store them (atomically)."""
     path = cache_dir / f"{tag}_{key}.npy"
     if path.exists():
         return np.load(path)
-    feats = compute()
+    feats = compute(vols)
     with atomic_path(path) as tmp:
         np.save(tmp, feats)
     return feats
@@ -681,12 +648,6 @@ class SegNet2D(nn.Module):
         return self.head(x)
 
 
-def dice(pred, target):
-    """Dice of two boolean volumes; 1 when both are empty."""
-    inter, total = np.logical_and(pred, target).sum(), pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * inter / total)
-
-
 def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
     """Train SegNet2D on the axial slices of (vols (N, D, H, W) [0, 1], masks (N, D, H, W) 0/1/2):
     cross-entropy + soft Dice on the organ, half of each batch drawn from slices that show it.
@@ -744,9 +705,12 @@ def fidelity(train_vols, train_masks, test_vols, test_masks, args, device):
     net = train_segnet(train_vols, train_masks, args.fidelity_steps, args.fidelity_batch, args.fidelity_width,
                        device, args.seed, args.fidelity_shift)
     pred = segment(net, test_vols, device)
+    # 02's Dice: a test mask without organ (or tumour) and a prediction without one score nothing
     organ = [dice(p > 0, m > 0) for p, m in zip(pred, test_masks)]
+    organ = [d for d in organ if d is not None]
     tumour = [dice(p == 2, m == 2) for p, m in zip(pred, test_masks) if (m == 2).any()]
-    return {"dice_organ": float(np.mean(organ)), "dice_tumour": float(np.mean(tumour)) if tumour else None,
+    return {"dice_organ": float(np.mean(organ)) if organ else None,
+            "dice_tumour": float(np.mean(tumour)) if tumour else None,
             "n_train_volumes": len(train_vols), "n_test_volumes": len(test_vols), "n_test_with_tumour": len(tumour)}
 
 
@@ -848,6 +812,10 @@ def main(args):
         print(f"mask fidelity skipped: no masks for the real test split in {args.real / 'masks'}")
 
     # --- one set at a time: features (holistic, localised), MS-SSIM, organ contrast, fidelity
+    def embed(vols):  # (N, D, H, W) in [0, 1] -> MedicalNet features (N, F)
+        x = torch.from_numpy(np.ascontiguousarray(vols))[:, None] * 2 - 1  # (N, 1, D, H, W) in [-1, 1]
+        return features(model, x, args.batch_size)
+
     feats, feats_local, results = {}, {}, {}
     for name in ["real", *args.fake]:
         print(f"[{name}] features, MS-SSIM, organ contrast" + (", mask fidelity" if test_masks else ""))
@@ -862,13 +830,11 @@ def main(args):
                                  f"shape {tuple(shape)}; a set needs at least 2 (the paper's hold as many as "
                                  f"the real set)")
         key = f"{file_key(pairs)}_{wkey}"
-        as_input = lambda v: torch.from_numpy(np.ascontiguousarray(v))[:, None] * 2 - 1  # [0, 1] -> [-1, 1], (N, 1, D, H, W)
-        feats[name] = cached_features(args.out / "cache", name, key,
-                                      lambda: features(model, as_input(vols), args.batch_size))
+        feats[name] = cached_features(args.out / "cache", name, key, embed, vols)
         if box is not None:
             bkey = hashlib.sha1(str(box).encode()).hexdigest()[:6]
             feats_local[name] = cached_features(args.out / "cache", f"{name}_local", f"{key}_{bkey}",
-                                                lambda: features(model, as_input(crop(vols, box)), args.batch_size))
+                                                embed, crop(vols, box))
         seconds["features"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -896,7 +862,8 @@ def main(args):
                 r["fidelity"] = fidelity(np.stack(train_vols), train_masks_, np.stack(test_vols), test_masks, args,
                                          device)
                 fd = r["fidelity"]
-                print(f"mask fidelity, trained on {name} ({len(train_vols)} volumes): organ Dice {fd['dice_organ']:.3f}"
+                print(f"mask fidelity, trained on {name} ({len(train_vols)} volumes): "
+                      f"organ Dice {fmt(fd['dice_organ'], 3)}"
                       + (f", tumour Dice {fd['dice_tumour']:.3f}" if fd["dice_tumour"] is not None else ""))
         seconds["fidelity"] += time.perf_counter() - t0
         results[name] = r

@@ -61,7 +61,9 @@ from common import (ArgumentParser, at_least, atomic_path, bar, check_order, csv
                     xyz_to_dhw)
 
 # shared with 06: volume_to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks
-ev = load_stage("06_eval")
+dice = load_stage("02_masks").dice   # one Dice: None for two empty masks
+vqgan = load_stage("03_vqgan")      # gaussian_smooth
+evaluation = load_stage("06_eval")
 
 DEEPLAB_URL = "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"
 RANDOM_NOTE = "backbone randomly initialised (the reference starts from COCO weights): not comparable to the paper"
@@ -183,41 +185,29 @@ class ResNet(nn.Module):
     def __init__(self, name="resnet101"):
         super().__init__()
         kind, blocks = RESNETS[name]
-        block = ev.BasicBlock if kind == "basic" else ev.Bottleneck
+        block = evaluation.BasicBlock if kind == "basic" else evaluation.Bottleneck
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.inplanes, self.dilation = 64, 1
-        self.layer1 = self.make_layer(block, 64, blocks[0])
-        self.layer2 = self.make_layer(block, 128, blocks[1], stride=2)
-        self.layer3 = self.make_layer(block, 256, blocks[2], stride=2, dilate=True)
-        self.layer4 = self.make_layer(block, 512, blocks[3], stride=2, dilate=True)
-        self.out_channels = 512 * block.expansion
+        e = block.expansion
+        self.layer1 = evaluation.resnet_layer(block, 64, 64, blocks[0], dims=2)
+        self.layer2 = evaluation.resnet_layer(block, 64 * e, 128, blocks[1], stride=2, dims=2)
+        # stride traded for dilation: the first block keeps the previous layer's dilation
+        self.layer3 = evaluation.resnet_layer(block, 128 * e, 256, blocks[2], dilation=2, first_dilation=1, dims=2)
+        self.layer4 = evaluation.resnet_layer(block, 256 * e, 512, blocks[3], dilation=4, first_dilation=2, dims=2)
+        self.out_channels = 512 * e
         for mod in self.modules():  # torchvision's initialisation
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(mod, nn.BatchNorm2d):
                 nn.init.ones_(mod.weight), nn.init.zeros_(mod.bias)
 
-    def make_layer(self, block, planes, n, stride=1, dilate=False):
-        previous = self.dilation
-        if dilate:  # the stride becomes dilation: the resolution stays
-            self.dilation, stride = self.dilation * stride, 1
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, previous, downsample, dims=2)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, 1, self.dilation, dims=2) for _ in range(1, n)]
-        return nn.Sequential(*layers)
-
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class Encoder(nn.Module):
+class SliceEncoder(nn.Module):
     """A CT slice (B, 1, H, W), z-scored, -> features (B, channels, H/8, W/8): the backbone, then a 1×1 conv
     without bias (the reference's `localconv`). The slice is repeated to 3 channels, as the reference does
     (tile_z_dim = 3): conv1 keeps torchvision's (64, 3, 7, 7) shape, so pretrained weights load unchanged;
@@ -368,7 +358,7 @@ def load_volume(job):
     arr = np.asarray(read_nifti(path, None)[0])
     if arr.ndim != 3:
         raise ValueError(f"{path}: {arr.ndim}-D volume, expected 3-D")
-    vol = to_window(xyz_to_dhw(ev.volume_to_unit(arr, hu, path)), hu, window)
+    vol = to_window(xyz_to_dhw(evaluation.volume_to_unit(arr, hu, path)), hu, window)
     if cache.exists():
         try:
             with np.load(cache) as f:
@@ -416,21 +406,11 @@ def load_labelled(prep, case, hu, window):
     img, lab = np.asarray(read_nifti(img_path, None)[0]), np.asarray(read_nifti(lab_path, None)[0])
     if img.ndim != 3 or lab.shape != img.shape:
         raise ValueError(f"{case}: image {img.shape} and labels {lab.shape} are not one 3-D shape")
-    vol = to_window(xyz_to_dhw(ev.volume_to_unit(img, hu, img_path)), hu, window)
+    vol = to_window(xyz_to_dhw(evaluation.volume_to_unit(img, hu, img_path)), hu, window)
     return case, vol, xyz_to_dhw(lab).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- episodes: sampling and augmentation, on the device
-def gaussian_blur(x, sigma):
-    """(N, 1, H, W) smoothed by a normalised Gaussian of σ, kernel int(4σ)|1 wide, reflected borders: cv2's
-    GaussianBlur as the reference's elastic_transform_nd calls it (dataloaders/image_transforms.py)."""
-    r = (int(4 * sigma) | 1) // 2
-    k = torch.exp(-torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) ** 2 / (2 * sigma**2))
-    k = k / k.sum()
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    return F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
-
-
 def inv2x2(a):
     """Inverse of (N, 2, 2) matrices in closed form (torch.linalg.inv checks for errors with a host sync)."""
     det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
@@ -465,8 +445,12 @@ def augment(x, m, gen, args):
     a = s[:, None, None] * shear @ rot                    # the reference composes zoom · shear · (shift) · rotation
     disp = torch.zeros(n, 2, h, w, device=x.device)
     if args.elastic_alpha > 0 and args.elastic_sigma > 0:
-        noise = torch.rand(n * 2, 1, h, w, generator=gen, device=x.device) * 2 - 1
-        disp = args.elastic_alpha * gaussian_blur(noise, args.elastic_sigma).view(n, 2, h, w)
+        noise = torch.rand(n, 2, h, w, generator=gen, device=x.device) * 2 - 1
+        # cv2.GaussianBlur as the reference's elastic_transform_nd calls it (dataloaders/
+        # image_transforms.py): kernel width int(4σ)|1, reflected borders (BORDER_REFLECT_101)
+        radius = (int(4 * args.elastic_sigma) | 1) // 2
+        kernel = vqgan.gaussian_kernel(args.elastic_sigma, radius, noise)
+        disp = args.elastic_alpha * vqgan.gaussian_smooth(noise, kernel, pad="reflect")  # (N, 2, H, W)
     grid = sampling_grid(h, w, inv2x2(a), t, disp)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
@@ -517,7 +501,7 @@ def query_chunk(z, z_min, z_max, n):
 
 
 @torch.no_grad()
-def features(model, vol, batch, prec):
+def slice_features(model, vol, batch, prec):
     """(D, H, W) z-scored tensor -> (D, C, h, w) float32 features, in batches of slices."""
     out = []
     for i in range(0, len(vol), batch):
@@ -527,7 +511,7 @@ def features(model, vol, batch, prec):
 
 
 @torch.no_grad()
-def evaluate(model, support, queries, organs, args, prec):
+def one_shot_dice(model, support, queries, organs, args, prec):
     """1-shot Dice. support = (name, image (D, H, W) z-scored tensor, labels (D, H, W) numpy); queries the
     same list. Per organ: the support's organ slices at chunk_percentiles give `chunks` support slices; each
     query slice between the query's first and last organ slice is segmented with the support slice of its
@@ -540,11 +524,11 @@ def evaluate(model, support, queries, organs, args, prec):
         zs = np.nonzero(np.isin(s_lab, ids).any((1, 2)))[0]
         if len(zs):
             pick = [int(zs[int(p * len(zs))]) for p in chunk_percentiles(args.chunks)]
-            fs = features(model, s_img[pick], args.eval_batch, prec)                   # (chunks, C, h, w)
+            fs = slice_features(model, s_img[pick], args.eval_batch, prec)                   # (chunks, C, h, w)
             fg = torch.from_numpy(np.isin(s_lab[pick], ids)).float()[:, None].to(fs.device)
             sup[organ] = (fs, F.interpolate(fg, fs.shape[-2:], mode="bilinear"))
     for name, q_img, q_lab in bar(queries, desc="query volumes"):
-        fq = features(model, q_img, args.eval_batch, prec)
+        fq = slice_features(model, q_img, args.eval_batch, prec)
         for organ, ids in organs.items():
             zq = np.nonzero(np.isin(q_lab, ids).any((1, 2)))[0]
             if organ not in sup or not len(zq):
@@ -558,7 +542,7 @@ def evaluate(model, support, queries, organs, args, prec):
                 if len(zz):
                     sc = alp_logits(fq[z0 + zz], fs[k:k + 1], fg[k:k + 1], args.pool_test, args.proto_thresh, args.pool_train)
                     pred[zz] = (F.interpolate(sc, q_lab.shape[1:], mode="bilinear").argmax(1) == 1).cpu().numpy()
-            out[organ][name] = ev.dice(pred, np.isin(q_lab[z0:z1 + 1], ids))
+            out[organ][name] = dice(pred, np.isin(q_lab[z0:z1 + 1], ids))
     return out
 
 
@@ -579,10 +563,10 @@ def train_step(model, data, gen, opt, sched, prec, ce_weight, args):
 
 
 def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fingerprint, tag):
-    """Train a fresh Encoder on the episodes of `data` for args.iters iterations (resuming from ckpt_path
+    """Train a fresh SliceEncoder on the episodes of `data` for args.iters iterations (resuming from ckpt_path
     when it holds an unfinished run with the same settings and data). Returns (model, stats)."""
     seed_everything(seed)
-    model = Encoder(args.backbone, args.channels)
+    model = SliceEncoder(args.backbone, args.channels)
     weights = resolve_weights(args.backbone_weights)
     if weights is not None:
         load_backbone_weights(model.backbone, weights)
@@ -594,12 +578,12 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
     ce_weight = torch.tensor(args.ce_weights, device=device)
     start = 0
     if ckpt_path.exists() and not args.overwrite:
-        ck = load_checkpoint(ckpt_path)
-        if ck["settings"] == json.loads(json.dumps(settings)) and ck["fingerprint"] == fingerprint:
-            model.load_state_dict(ck["model"])
-            start = ck["iter"]
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["settings"] == json.loads(json.dumps(settings)) and ckpt["fingerprint"] == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            start = ckpt["iter"]
             if start < args.iters:
-                opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"]), gen.set_state(ck["generator"])
+                opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"]), gen.set_state(ckpt["generator"])
             print0(f"[{tag}] resumed from {ckpt_path} at iteration {start}")
 
     def save(it):  # a finished run keeps the network only (a ResNet-101's SGD state would double the file)
@@ -706,8 +690,8 @@ def save_episodes(path, data, args, n=4):
 # --------------------------------------------------------------------------- main
 def main(args):
     t_start = time.perf_counter()
-    dist_, prec = start_run(args.device, args.precision, seed=0)
-    device = dist_.device
+    run, prec = start_run(args.device, args.precision, seed=0)
+    device = run.device
     split = read_split(args.prep)
     hu = json.loads((args.prep / "config.json").read_text())["hu"]
     prepare_out(args.out, [args.prep, *args.synthetic.values()])
@@ -727,7 +711,7 @@ def main(args):
         if set(args.train) & {"synthetic", "mixed"}:
             if not folder.is_dir():
                 raise SystemExit(f"error: --synthetic {name}={folder}: no such folder (run 05_sample.py first)")
-            syn = [(name, img) for img, _ in ev.fake_pairs(folder)]
+            syn = [(name, img) for img, _ in evaluation.fake_pairs(folder)]
             plan[f"synthetic-{name}"] = syn
             plan[f"mixed-{name}"] = real + syn[:round(args.mix_fraction * n_real)]  # the first ones, by name
     plan = {s: plan[s] for s in args.sets}
@@ -790,7 +774,7 @@ def main(args):
         for m in [m for m in members if loaded[m][0].shape[1:] != shape]:
             print(f"skipped: {m[1]}: slices {loaded[m][0].shape[1:]}, the set's first volume has {shape}")
             members.remove(m)
-        fp = ev.file_key([(f, None) for _, f in members])
+        fp = evaluation.file_key([(f, None) for _, f in members])
         todo = [seed for seed in args.seeds if pending(s, seed, fp)]
         volumes = {src: sum(1 for m in members if m[0] == src) for src in dict.fromkeys(src for src, _ in members)}
         if not todo:
@@ -817,7 +801,7 @@ def main(args):
             model, stats = train_run(data, args, prec, device, seed, args.out / "checkpoints" / f"{s}_seed{seed}.pt",
                                      args.out / "logs" / f"{s}_seed{seed}.csv", settings, fp, tag)
             t0 = time.perf_counter()
-            dice = evaluate(model, sup_n, qry_n, args.organs, args, prec)
+            dice = one_shot_dice(model, sup_n, qry_n, args.organs, args, prec)
             organ = {o: (float(np.mean(list(d.values()))) if d else None) for o, d in dice.items()}
             known = [v for v in organ.values() if v is not None]
             organ["mean"] = float(np.mean(known)) if known else None

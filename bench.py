@@ -41,13 +41,13 @@ def stage_args(stage, small, overrides):
 
 
 def build_vqgan(va, device):
-    vq = load_stage("03_vqgan")
-    return vq.VQGAN(va.n_hiddens, va.downsample, va.embedding_dim, va.n_codes, va.num_groups).to(device)
+    vqgan = load_stage("03_vqgan")
+    return vqgan.VQGAN(va.n_hiddens, va.downsample, va.embedding_dim, va.n_codes, va.num_groups).to(device)
 
 
 def build_denoiser(da, latent, depth, device):
-    dm = load_stage("04_diffusion")
-    return dm.Denoiser(dict(mode="both", latent_shape=latent, depth=depth),
+    diffusion = load_stage("04_diffusion")
+    return diffusion.Denoiser(dict(mode="both", latent_shape=latent, depth=depth),
                        dict(channels=latent[0], dim=da.dim, dim_mults=da.dim_mults, heads=da.attn_heads,
                             dim_head=da.attn_dim_head)).to(device)
 
@@ -66,12 +66,15 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, allocator)")
     p.add_argument("--repeats", type=int, default=10, help="timed training steps (median reported)")
     p.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs (median reported)")
-    p.add_argument("--sample-batch", type=int, default=None, help="volumes per sampling run (default: 4, --small: 1)")
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="volumes per sampling run (default: 4, --small: 1)")
     p.add_argument("--diffusion-batch", type=int, default=None,
-                   help="diffusion training batch (default: 04's, 20; --small: 8); FLOPs scale linearly with it")
+                   help="diffusion training batch (default: 04's, 20; --small: 8); FLOPs scale "
+                        "linearly with it")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
     p.add_argument("--flops-only", action="store_true",
-                   help="count the FLOPs of each step and stop (no timing): the paper's shapes on a CPU, for estimates")
+                   help="count the FLOPs of each step and stop (no timing): the paper's shapes on a "
+                        "CPU, for estimates")
     p.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"), help="JSON results")
     return p.parse_args(argv)
 
@@ -89,7 +92,8 @@ def time_it(fn, device, warmup, repeats):
         fn()
     sync(device)
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
         for start, end in events:
             start.record()
             fn()
@@ -128,72 +132,78 @@ def reset_peak(device):
 # --------------------------------------------------------------------------- the three costs
 def vqgan_step(small, device, prec, compile_):
     """03's train_step with both discriminators and the locality loss on (LPIPS too at the paper's shapes)."""
-    vq = load_stage("03_vqgan")
+    vqgan = load_stage("03_vqgan")
     va = stage_args("03_vqgan", small, SMALL_VQGAN)
     model = build_vqgan(va, device)
-    d2 = vq.PatchGAN(2, va.disc_channels, va.disc_layers).to(device)
-    d3 = vq.PatchGAN(3, va.disc_channels, va.disc_layers).to(device)
+    d2 = vqgan.PatchGAN(2, va.disc_channels, va.disc_layers).to(device)
+    d3 = vqgan.PatchGAN(3, va.disc_channels, va.disc_layers).to(device)
     # LPIPS with random weights: the cost is the same as with the pretrained ones
-    lpips = vq.LPIPS().to(device).eval().requires_grad_(False) if va.perceptual_weight > 0 else None
+    lpips = vqgan.LPIPS().to(device).eval().requires_grad_(False) if va.perceptual_weight > 0 else None
     fused = device.type == "cuda"
     opt_ae = torch.optim.Adam(model.parameters(), lr=va.lr, betas=(0.5, 0.9), fused=fused)
     opt_d = torch.optim.Adam([*d2.parameters(), *d3.parameters()], lr=va.lr, betas=(0.5, 0.9), fused=fused)
     nets = tuple(torch.compile(m) for m in (model, d2, d3)) if compile_ else (model, d2, d3)
-    b, (d, h, w) = va.batch_size, VOLUME["small" if small else "paper"]
+    b = va.batch_size
+    d, h, w = VOLUME["small" if small else "paper"]
     x = torch.rand(b, 1, d, h, w, device=device) * 2 - 1
     boxes = torch.tensor([[8, 24, h // 4, h // 2, w // 4, w // 2]] * b, device=device)
     has_box = torch.ones(b, dtype=torch.bool, device=device)
-    step = lambda: vq.train_step(nets, (opt_ae, opt_d), lpips, prec, x, boxes, has_box, True, va)
+    step = lambda: vqgan.train_step(nets, (opt_ae, opt_d), lpips, prec, x, boxes, has_box, True, va)
     return step, b, f"{b}×1×{d}×{h}×{w}", lambda: count_flops(step)
 
 
 def diffusion_step(small, device, prec, compile_, batch=None):
     """04's train_step: Unet3D + condition extractor ('both': content + Betti), one optimiser step."""
-    dm = load_stage("04_diffusion")
-    va, da = stage_args("03_vqgan", small, SMALL_VQGAN), stage_args("04_diffusion", small, SMALL_DIFFUSION)
+    diffusion = load_stage("04_diffusion")
+    va = stage_args("03_vqgan", small, SMALL_VQGAN)
+    da = stage_args("04_diffusion", small, SMALL_DIFFUSION)
     volume = VOLUME["small" if small else "paper"]
     latent = latent_shape(va, volume)
     model = build_denoiser(da, latent, volume[0], device)
     opt = torch.optim.Adam(model.parameters(), lr=da.lr, fused=device.type == "cuda")
     model_t = torch.compile(model) if compile_ else model
-    diffusion = dm.GaussianDiffusion(da.timesteps).to(device)
+    ddpm = diffusion.GaussianDiffusion(da.timesteps).to(device)
     n = 32  # a resident training set, as in 04
     data = (torch.rand(n, *latent, device=device) * 2 - 1, torch.randn(n, *latent, device=device),
             torch.randint(0, 4, (n, volume[0] * 6), device=device))
     gen = torch.Generator(device=device).manual_seed(0)
     b = batch or da.batch_size
-    step = lambda: dm.train_step(model_t, diffusion, opt, prec, data, b, 1, da.p_uncond, gen)
-    return step, b, f"{b}×{'×'.join(map(str, latent))}, cond {model.extractor.dim}-d", lambda: count_flops(step)
+    step = lambda: diffusion.train_step(model_t, ddpm, opt, prec, data, b, 1, da.p_uncond, gen)
+    shape = f"{b}×{'×'.join(map(str, latent))}, cond {model.extractor.dim}-d"
+    return step, b, shape, lambda: count_flops(step)
 
 
 def sampling(small, device, prec, sampler, steps, batch, compile_):
     """04's sample_latents (Eq. 4 guidance, w = 1: conditional and unconditional passes as one batch),
     then 03's decoder through the quantiser, as 05 runs them (file writing not included)."""
-    dm = load_stage("04_diffusion")
-    va, da = stage_args("03_vqgan", small, SMALL_VQGAN), stage_args("04_diffusion", small, SMALL_DIFFUSION)
+    diffusion = load_stage("04_diffusion")
+    va = stage_args("03_vqgan", small, SMALL_VQGAN)
+    da = stage_args("04_diffusion", small, SMALL_DIFFUSION)
     d, h, w = volume = VOLUME["small" if small else "paper"]
     latent = latent_shape(va, volume)
     denoiser = build_denoiser(da, latent, d, device).eval().requires_grad_(False)
     vqgan = build_vqgan(va, device).eval().requires_grad_(False)
     if compile_:
         denoiser.unet = torch.compile(denoiser.unet)
-    diffusion = dm.GaussianDiffusion(da.timesteps).to(device)
+    ddpm = diffusion.GaussianDiffusion(da.timesteps).to(device)
     cond = (torch.randn(batch, *latent, device=device), torch.randint(0, 4, (batch, d * 6), device=device))
     shape = (batch, *latent)
 
     @torch.no_grad()
     def run():
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-        z = dm.sample_latents(diffusion, denoiser, cond, shape, 1.0, sampler, steps, gens, device, prec)
+        z = diffusion.sample_latents(ddpm, denoiser, cond, shape, 1.0, sampler, steps, gens, device, prec)
         with prec.autocast():
             return vqgan.decode(z, quantize=True)
 
     @torch.no_grad()
     def flops():  # every step costs the same: count one guided step and the decoder, not the whole run
-        z, t = torch.randn(shape, device=device), torch.full((batch,), 10, device=device)
+        z = torch.randn(shape, device=device)
+        t = torch.full((batch,), 10, device=device)
         with prec.autocast():
-            one = count_flops(lambda: dm.guided_eps(denoiser, z, t, cond, 1.0))
-            return (diffusion.T if sampler == "ddpm" else steps) * one + count_flops(lambda: vqgan.decode(z, quantize=True))
+            one = count_flops(lambda: diffusion.guided_eps(denoiser, z, t, cond, 1.0))
+            n_steps = ddpm.T if sampler == "ddpm" else steps
+            return n_steps * one + count_flops(lambda: vqgan.decode(z, quantize=True))
     return run, batch, f"{batch}×1×{d}×{h}×{w}, {sampler.upper()}-{steps}, w = 1", flops
 
 
@@ -209,20 +219,24 @@ def measure(name, build, device, warmup, repeats, peak, flops_only=False):
     row = dict(name=name, shape=shape, volumes=volumes, median_s=med, times_s=times, flops=flops,
                tflops=flops / med / 1e12, mfu=flops / med / peak, volumes_per_s=volumes / med,
                peak_mem_gb=peak_memory_gb(device))
-    print0(f"{name}: {1000 * med:.1f} ms median of {len(times)}, {row['tflops']:.3f} TFLOP/s, MFU {100 * row['mfu']:.1f} %")
+    print0(f"{name}: {1000 * med:.1f} ms median of {len(times)}, {row['tflops']:.3f} TFLOP/s, "
+           f"MFU {100 * row['mfu']:.1f} %")
     return row
 
 
 def table(rows, info):
-    lines = [f"{info['device_name']} · torch {info['torch']} · {info['precision']} · shapes: {info['shapes']} · "
-             f"measured matmul peak {info['peak_tflops']:.2f} TFLOP/s ({info['peak_dtype']}) · {info['date']}", "",
+    lines = [f"{info['device_name']} · torch {info['torch']} · {info['precision']} · "
+             f"shapes: {info['shapes']} · measured matmul peak {info['peak_tflops']:.2f} TFLOP/s "
+             f"({info['peak_dtype']}) · {info['date']}", "",
              "| what | batch | median ms | volumes/s | s/volume | TFLOP/s | MFU | peak memory GB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['shape']} | {1000 * r['median_s']:.1f} | {r['volumes_per_s']:.2f} | "
-                     f"{r['median_s'] / r['volumes']:.3f} | {r['tflops']:.3f} | {100 * r['mfu']:.1f} % | {r['peak_mem_gb']:.2f} |")
+        lines.append(f"| {r['name']} | {r['shape']} | {1000 * r['median_s']:.1f} | "
+                     f"{r['volumes_per_s']:.2f} | {r['median_s'] / r['volumes']:.3f} | "
+                     f"{r['tflops']:.3f} | {100 * r['mfu']:.1f} % | {r['peak_mem_gb']:.2f} |")
     mem = "GPU: peak allocated per row" if info["device"] == "cuda" else "CPU: the process's peak RSS so far"
-    lines += ["", f"FLOPs: torch.utils.flop_counter (matmul, conv, attention); memory: {mem}; random weights."]
+    lines += ["", f"FLOPs: torch.utils.flop_counter (matmul, conv, attention); memory: {mem}; "
+                  f"random weights."]
     return "\n".join(lines)
 
 
@@ -237,18 +251,28 @@ def main(args):
     batch = args.sample_batch or (1 if args.small else 4)
     peak_dtype = prec.dtype or torch.float32
     peak = matmul_peak(device, peak_dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     info = dict(device=device.type, device_name=name, torch=torch.__version__, precision=prec.name,
                 shapes="small (demo)" if args.small else "paper", peak_tflops=peak / 1e12,
-                peak_dtype=str(peak_dtype).replace("torch.", ""), date=time.strftime("%Y-%m-%d"), compile=args.compile)
+                peak_dtype=str(peak_dtype).replace("torch.", ""), date=time.strftime("%Y-%m-%d"),
+                compile=args.compile)
     print0(f"{name}, torch {torch.__version__}, {prec.name}; matmul peak {peak / 1e12:.2f} TFLOP/s")
     jobs = {
-        "VQ-GAN training step": ("vqgan", lambda: vqgan_step(args.small, device, prec, args.compile), args.repeats),
-        "diffusion training step": ("diffusion", lambda: diffusion_step(args.small, device, prec, args.compile, args.diffusion_batch), args.repeats),
-        "sampling DDIM-50 + decode": ("ddim", lambda: sampling(args.small, device, prec, "ddim", 50, batch, args.compile),
-                                      args.sample_repeats),
-        "sampling DDPM-300 + decode": ("ddpm", lambda: sampling(args.small, device, prec, "ddpm", 300, batch, args.compile),
-                                       args.sample_repeats),
+        "VQ-GAN training step": (
+            "vqgan", lambda: vqgan_step(args.small, device, prec, args.compile), args.repeats),
+        "diffusion training step": (
+            "diffusion",
+            lambda: diffusion_step(args.small, device, prec, args.compile, args.diffusion_batch),
+            args.repeats),
+        "sampling DDIM-50 + decode": (
+            "ddim", lambda: sampling(args.small, device, prec, "ddim", 50, batch, args.compile),
+            args.sample_repeats),
+        "sampling DDPM-300 + decode": (
+            "ddpm", lambda: sampling(args.small, device, prec, "ddpm", 300, batch, args.compile),
+            args.sample_repeats),
     }
     rows = []
     for label, (key, build, repeats) in jobs.items():

@@ -425,6 +425,43 @@ def check_resume(saved, current, keys, path):
                          f"ones, or start again with --fresh (or another --out)")
 
 
+def open_resume(path, fresh, keys, writer, args, same, device):
+    """The checkpoint a training run resumes from, or None (none yet, or --fresh). It must hold
+    `keys` (else it is not `writer`'s) and share this run's settings named in `same`."""
+    if fresh or not path.exists():
+        return None
+    ck = checkpoint_parts(load_checkpoint(path, map_location=device), path, keys, writer)
+    check_resume(ck["args"], args_record(args), same, path)
+    return ck
+
+
+def training_state(step, args, model_kwargs, parts, gen, device, **extra):
+    """A resumable checkpoint: the step, the arguments, the model's constructor arguments, the
+    state of each of `parts` (networks, optimisers, grad scaler) and of every RNG the loop draws
+    from (the global ones and `gen`), so a resumed run draws what the uninterrupted one would."""
+    rng = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    parts = {name: part.state_dict() for name, part in parts.items()}
+    return {"step": step, "args": args_record(args), "model_kwargs": model_kwargs, **extra, **parts,
+            "rng": rng}
+
+
+def resume(ck, path, parts, gen, device, model_kwargs):
+    """Restore what `training_state` saved into `parts` and the RNGs; -> the step to go on from."""
+    if ck["model_kwargs"] != model_kwargs:
+        raise SystemExit(f"error: {path} holds a model with {ck['model_kwargs']}; this run asks for "
+                         f"{model_kwargs}. Use another --out, or --fresh to start again")
+    for name, part in parts.items():
+        part.load_state_dict(ck[name])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in ck["rng"]:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+    gen.set_state(ck["rng"]["gen"])
+    print0(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
+
+
 # --------------------------------------------------------------------------- seeding, device, precision
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices)."""

@@ -1,7 +1,7 @@
 """bench.py: the FLOP counter and the timer against closed forms, the whole --small run on the CPU,
 and (with CUDA) the training steps under torch's sync debug mode: no host waits inside a step."""
 import json
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,22 +12,33 @@ from common import choose_precision
 
 def test_flop_count_of_a_linear_layer_matches_the_closed_form():
     m, k, n = 16, 32, 8
-    layer, x = torch.nn.Linear(k, n, bias=False), torch.randn(m, k)
+    layer = torch.nn.Linear(k, n, bias=False)
+    x = torch.randn(m, k)
     assert bench.count_flops(lambda: layer(x)) == 2 * m * k * n
     # forward + backward: the input and weight gradients are two more matmuls of the same size
     assert bench.count_flops(lambda: layer(x.requires_grad_()).sum().backward()) == 3 * 2 * m * k * n
 
 
 def test_flop_count_of_a_conv3d_matches_the_closed_form():
-    conv, x = torch.nn.Conv3d(4, 6, 3, padding=1, bias=False), torch.randn(2, 4, 5, 6, 7)
+    conv = torch.nn.Conv3d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 6, 7)
     assert bench.count_flops(lambda: conv(x)) == 2 * (2 * 6 * 5 * 6 * 7) * (4 * 27)
 
 
-def test_timer_reports_the_median():
-    delays = iter([0.0, 0.03, 0.01, 0.02])  # one warm-up call, then 30, 10, 20 ms
-    med, times = bench.time_it(lambda: time.sleep(next(delays)), torch.device("cpu"), warmup=1, repeats=3)
-    assert len(times) == 3
-    assert 0.02 <= med < 0.03 and sorted(times)[1] == med
+def test_timer_reports_the_median(monkeypatch):
+    """time_it on the CPU against a scripted clock (bench's time.perf_counter): each call of fn
+    moves it on by a set whole number of seconds, so every figure is exact and load cannot matter."""
+    clock = {"now": 1000.0}
+    durations = iter([70.0, 80.0, 4.0, 9.0, 1.0, 3.0, 2.0])  # two warm-up calls, then five timed ones
+
+    def work():
+        clock["now"] += next(durations)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    med, times = bench.time_it(work, torch.device("cpu"), warmup=2, repeats=5)
+    assert times == [4.0, 9.0, 1.0, 3.0, 2.0]  # each timed call, in order; the warm-up left out
+    assert med == 3.0  # the median: not the mean (3.8), nor the first, middle or last call
+    assert next(durations, None) is None  # fn ran 2 + 5 times, no more
 
 
 def test_small_benchmark_runs_on_the_cpu_and_writes_the_table(tmp_path, capsys):
@@ -54,8 +65,9 @@ def test_diffusion_flops_are_linear_in_the_batch(tmp_path):
     exactly proportional to the batch (no cross-sample work)."""
     flops = {}
     for b in (2, 6):
-        rows = bench.main(bench.get_args(["--small", "--device", "cpu", "--flops-only", "--only", "diffusion",
-                                          "--diffusion-batch", str(b), "--out", str(tmp_path / f"b{b}.json")]))
+        rows = bench.main(bench.get_args(["--small", "--device", "cpu", "--flops-only", "--only",
+                                          "diffusion", "--diffusion-batch", str(b),
+                                          "--out", str(tmp_path / f"b{b}.json")]))
         assert rows[0]["shape"].startswith(f"{b}×")
         flops[b] = rows[0]["flops"]
     assert flops[6] == 3 * flops[2]

@@ -72,18 +72,7 @@ def test_fit_ellipse_recovers_a_known_ellipse(angle):
     assert ev.fit_ellipse(np.stack([s, 2 * s], 1)) is None   # collinear: no ellipse
 
 
-# --------------------------------------------------------------------------- Dice and the probe
-def test_dice_hand_made():
-    a = np.zeros((4, 4, 4), bool)
-    b = np.zeros_like(a)
-    a[0, 0, :2] = True
-    b[0, 0, 1:4] = True
-    assert ev.dice(a, b) == pytest.approx(2 * 1 / 5)
-    assert ev.dice(a, a) == 1.0
-    assert ev.dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
-    assert ev.dice(a, np.zeros_like(a)) == 0.0
-
-
+# --------------------------------------------------------------------------- the fidelity probe
 def test_segnet_learns_a_bright_organ():
     """The probe must find an organ from its appearance: a bright blob in noise, at random places."""
     rng = np.random.default_rng(0)

@@ -20,7 +20,8 @@ def run(prep, argv):
 
 
 def cli(script, *argv, cwd=None):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)],
+                          capture_output=True, text=True, cwd=cwd)
 
 
 def world_centroid(lab, affine, k):
@@ -28,13 +29,15 @@ def world_centroid(lab, affine, k):
 
 
 def tree_hash(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # --------------------------------------------------------------------------- unit maths
 def test_hu_window_exact(prep):
     hu = np.array([-3000, -1000, -999, -300, 0, 400, 401, 3000], np.float32)
-    np.testing.assert_allclose(prep.window_hu(hu, -1000, 400), [0, 0, 1 / 1400, 0.5, 1000 / 1400, 1, 1, 1], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(prep.window_hu(hu, -1000, 400),
+                               [0, 0, 1 / 1400, 0.5, 1000 / 1400, 1, 1, 1], rtol=0, atol=1e-7)
 
 
 def test_choose_windows_hand_made(prep):
@@ -94,10 +97,13 @@ def test_linear_resampling_is_exact_on_a_linear_field(prep):
     img = f(ijk @ aff[:3, :3].T + aff[:3, 3]).astype(np.float32)
     n_out, ratio, aff_out = prep.resample_grid(img.shape, aff, (1.6, 1.6, 2.3))
     out = prep.resample_image(img, ratio, n_out, (3, 13), order=1)
-    o = np.stack(np.meshgrid(*[np.arange(n) for n in (n_out[0], n_out[1], 10)], indexing="ij"), -1) + [0, 0, 3]
+    o = (np.stack(np.meshgrid(*[np.arange(n) for n in (n_out[0], n_out[1], 10)], indexing="ij"), -1)
+         + [0, 0, 3])
     np.testing.assert_allclose(out, f(o @ aff_out[:3, :3].T + aff_out[:3, 3]), atol=2e-3)
-    cubic = prep.resample_image(img, ratio, n_out, (3, 13), order=3)  # cubic B-splines reproduce linear fields too
-    np.testing.assert_allclose(cubic, out, atol=0.05)  # edges: spline boundary; a 1-voxel shift would be >= 0.8
+    # cubic B-splines reproduce linear fields too
+    cubic = prep.resample_image(img, ratio, n_out, (3, 13), order=3)
+    # edges: spline boundary; a 1-voxel shift would be >= 0.8
+    np.testing.assert_allclose(cubic, out, atol=0.05)
 
 
 def test_outputs_overlay_the_source_scan(tmp_path, prep, small_raw):
@@ -110,15 +116,19 @@ def test_outputs_overlay_the_source_scan(tmp_path, prep, small_raw):
     for rec in summary["cases"]:
         src_i = nib.load(small_raw / "images" / f"{rec['case']}_0000.nii.gz")
         src_l = nib.load(small_raw / "labels" / f"{rec['case']}.nii.gz")
-        img_o, lab_o = nib.load(out / "images" / f"{rec['case']}.nii.gz"), nib.load(out / "labels" / f"{rec['case']}.nii.gz")
-        assert img_o.shape == (96, 96, 16) and img_o.get_data_dtype() == np.float32 and lab_o.get_data_dtype() == np.uint8
+        img_o = nib.load(out / "images" / f"{rec['case']}.nii.gz")
+        lab_o = nib.load(out / "labels" / f"{rec['case']}.nii.gz")
+        assert img_o.shape == (96, 96, 16)
+        assert img_o.get_data_dtype() == np.float32 and lab_o.get_data_dtype() == np.uint8
         np.testing.assert_allclose(img_o.affine, lab_o.affine)
-        assert nib.aff2axcodes(src_i.affine) == ("L", "P", "S") and nib.aff2axcodes(img_o.affine) == ("R", "A", "S")
+        assert nib.aff2axcodes(src_i.affine) == ("L", "P", "S")
+        assert nib.aff2axcodes(img_o.affine) == ("R", "A", "S")
         np.testing.assert_allclose(np.sqrt((img_o.affine[:3, :3] ** 2).sum(0)), [3, 3, 4])
         idx = np.stack(np.meshgrid(*[np.arange(n) for n in img_o.shape], indexing="ij"), -1).reshape(-1, 3)
         src_idx = (np.linalg.inv(src_i.affine) @ img_o.affine @ np.c_[idx, np.ones(len(idx))].T)[:3]
         inside = np.all((src_idx > -0.5) & (src_idx < np.array(src_i.shape)[:, None] - 0.5), 0)
-        lab_src = np.asarray(src_l.dataobj)[tuple(np.clip(np.rint(src_idx), 0, np.array(src_l.shape)[:, None] - 1).astype(int))]
+        nearest = np.clip(np.rint(src_idx), 0, np.array(src_l.shape)[:, None] - 1).astype(int)
+        lab_src = np.asarray(src_l.dataobj)[tuple(nearest)]
         lab_out = np.asarray(lab_o.dataobj).reshape(-1)
         organ = inside & ((lab_src > 0) | (lab_out > 0))
         assert (lab_src[organ] == lab_out[organ]).mean() > 0.98
@@ -144,8 +154,10 @@ def _example_subject(totalseg_example, root, per_organ):
         return subj
     seg = nib.load(src / "seg.nii.gz")  # TotalSegmentator's per-organ layout, made from the multi-label map
     s = np.asarray(seg.dataobj)
-    for name, i in {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "pancreas": 7, "aorta": 52}.items():
-        nib.save(nib.Nifti1Image((s == i).astype(np.uint8), seg.affine), subj / "segmentations" / f"{name}.nii.gz")
+    v2_ids = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "pancreas": 7, "aorta": 52}
+    for name, i in v2_ids.items():
+        nib.save(nib.Nifti1Image((s == i).astype(np.uint8), seg.affine),
+                 subj / "segmentations" / f"{name}.nii.gz")
     return subj
 
 
@@ -174,7 +186,8 @@ def test_real_totalsegmentator_ct(tmp_path, prep, totalseg_example):
 
     # TotalSegmentator's per-organ folder layout gives the same labels.
     _example_subject(totalseg_example, tmp_path / "ts2", per_organ=True)
-    run(prep, ["--totalseg", tmp_path / "ts2", "--out", tmp_path / "prep2", "--workers", "1", "--no-previews"])
+    run(prep, ["--totalseg", tmp_path / "ts2", "--out", tmp_path / "prep2", "--workers", "1",
+               "--no-previews"])
     y2 = np.asarray(nib.load(tmp_path / "prep2" / "labels" / "example.nii.gz").dataobj)
     np.testing.assert_array_equal(y, y2)
     # --totalseg may name one subject's folder (as with a single downloaded example) as well as the dataset's
@@ -187,7 +200,8 @@ def test_real_totalsegmentator_ct(tmp_path, prep, totalseg_example):
 def test_totalseg_require_organs_filter(tmp_path, prep, small_raw):
     root = tmp_path / "ts"
     names = {1: "liver", 2: "kidney_right", 3: "spleen", 4: "pancreas"}
-    for subj, case, drop, cut in (("s01", 1, None, False), ("s02", 2, "spleen", False), ("s03", 3, None, True)):
+    for subj, case, drop, cut in (("s01", 1, None, False), ("s02", 2, "spleen", False),
+                                  ("s03", 3, None, True)):
         d = root / subj / "segmentations"
         d.mkdir(parents=True)
         shutil.copy(small_raw / "images" / f"Case_0000{case}_0000.nii.gz", root / subj / "ct.nii.gz")
@@ -200,7 +214,8 @@ def test_totalseg_require_organs_filter(tmp_path, prep, small_raw):
             if name != drop:
                 nib.save(nib.Nifti1Image((a == k).astype(np.uint8), lab.affine), d / f"{name}.nii.gz")
     out = tmp_path / "prep"
-    run(prep, ["--totalseg", root, "--out", out, "--require-organs", "liver,kidney,spleen,pancreas", *SMALL_PREP])
+    run(prep, ["--totalseg", root, "--out", out, "--require-organs", "liver,kidney,spleen,pancreas",
+               *SMALL_PREP])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {**summary["counts"], "ok": 1, "skipped": 2}
     assert summary["skipped"]["s02"] == "dropped: missing required organ spleen (label 3)"
@@ -215,7 +230,8 @@ def _bad_folder(root, small_raw):
     for c in ("Case_00001", "Case_00002"):
         shutil.copy(small_raw / "images" / f"{c}_0000.nii.gz", im)
         shutil.copy(small_raw / "labels" / f"{c}.nii.gz", lb)
-    src_i, src_l = nib.load(small_raw / "images" / "Case_00003_0000.nii.gz"), nib.load(small_raw / "labels" / "Case_00003.nii.gz")
+    src_i = nib.load(small_raw / "images" / "Case_00003_0000.nii.gz")
+    src_l = nib.load(small_raw / "labels" / "Case_00003.nii.gz")
     a, l, aff = src_i.get_fdata(dtype=np.float32), np.asarray(src_l.dataobj), src_i.affine
     save = lambda arr, affine, path: nib.save(nib.Nifti1Image(arr, affine), path)
     bad = {}
@@ -249,8 +265,8 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, small_raw):
     bad = _bad_folder(tmp_path / "raw", small_raw)
     before = tree_hash(tmp_path / "raw")
     out = tmp_path / "prep"
-    r = cli("01_preprocess.py", "--images", tmp_path / "raw" / "images", "--labels", tmp_path / "raw" / "labels",
-            "--out", out, *SMALL_PREP[:-3], "--workers", "2")
+    r = cli("01_preprocess.py", "--images", tmp_path / "raw" / "images",
+            "--labels", tmp_path / "raw" / "labels", "--out", out, *SMALL_PREP[:-3], "--workers", "2")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["ok"] == 2 and summary["counts"]["skipped"] == len(bad)
@@ -265,7 +281,8 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, small_raw):
 def test_exit_code_non_zero_only_when_nothing_succeeds(tmp_path, small_raw):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "Case_1_0000.nii.gz").write_bytes(b"not a nifti")
-    r = cli("01_preprocess.py", "--images", tmp_path / "images", "--labels", tmp_path / "none", "--out", tmp_path / "o", *SMALL_PREP)
+    r = cli("01_preprocess.py", "--images", tmp_path / "images", "--labels", tmp_path / "none",
+            "--out", tmp_path / "o", *SMALL_PREP)
     assert r.returncode != 0 and "no case could be preprocessed" in r.stderr
     r = cli("01_preprocess.py", "--images", tmp_path / "empty", "--out", tmp_path / "o2")
     assert r.returncode != 0 and "no such folder" in r.stderr
@@ -273,7 +290,8 @@ def test_exit_code_non_zero_only_when_nothing_succeeds(tmp_path, small_raw):
 
 # --------------------------------------------------------------------------- modes, resume, split
 def test_resume_skips_done_cases_and_guards_settings(tmp_path, prep, small_raw, capsys):
-    argv = ["--images", small_raw / "images", "--labels", small_raw / "labels", "--out", tmp_path / "p", *SMALL_PREP]
+    argv = ["--images", small_raw / "images", "--labels", small_raw / "labels",
+            "--out", tmp_path / "p", *SMALL_PREP]
     run(prep, argv)
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p" / "images").iterdir()}
     capsys.readouterr()
@@ -282,7 +300,8 @@ def test_resume_skips_done_cases_and_guards_settings(tmp_path, prep, small_raw, 
     assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "p" / "images").iterdir()}
     (tmp_path / "p" / "images" / "Case_00002.nii.gz").unlink()  # a lost output is redone
     run(prep, argv)
-    assert "resuming: 3 cases" in capsys.readouterr().out and (tmp_path / "p" / "images" / "Case_00002.nii.gz").exists()
+    assert "resuming: 3 cases" in capsys.readouterr().out
+    assert (tmp_path / "p" / "images" / "Case_00002.nii.gz").exists()
     with pytest.raises(SystemExit, match="other settings"):
         run(prep, argv + ["--depth", "8"])  # a later flag overrides
     run(prep, argv + ["--overwrite"])
@@ -290,7 +309,8 @@ def test_resume_skips_done_cases_and_guards_settings(tmp_path, prep, small_raw, 
 
 
 def test_without_labels_the_central_window(tmp_path, prep, small_raw):
-    run(prep, ["--images", small_raw / "images", "--labels", tmp_path / "nolabels", "--out", tmp_path / "p", *SMALL_PREP])
+    run(prep, ["--images", small_raw / "images", "--labels", tmp_path / "nolabels",
+               "--out", tmp_path / "p", *SMALL_PREP])
     s = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert s["counts"]["ok"] == 4 and not (tmp_path / "p" / "labels").exists()
     for rec in s["cases"]:
@@ -305,7 +325,8 @@ def test_with_labels_an_unlabelled_image_is_skipped_not_split(tmp_path, prep, sm
     shutil.copytree(small_raw / "labels", labels)
     gone = sorted(labels.iterdir())[0]
     gone.unlink()
-    run(prep, ["--images", small_raw / "images", "--labels", labels, "--out", tmp_path / "p", "--n-test", "2", *SMALL_PREP])
+    run(prep, ["--images", small_raw / "images", "--labels", labels, "--out", tmp_path / "p",
+               "--n-test", "2", *SMALL_PREP])
     s = json.loads((tmp_path / "p" / "summary.json").read_text())
     split = json.loads((tmp_path / "p" / "split.json").read_text())
     case = gone.name.removesuffix(".nii.gz")
@@ -334,7 +355,8 @@ def test_split_is_deterministic(prep):
     cases = {f"c{i}": [f"c{i}"] for i in range(10)}
     a, b = prep.make_split(cases, 0, 0.2, None), prep.make_split(cases, 0, 0.2, None)
     assert a == b and len(a["test"]) == 2 and len(a["train"]) == 8 and not set(a["test"]) & set(a["train"])
-    assert prep.make_split(cases, 1, 0.2, None)["test"] != a["test"] or prep.make_split(cases, 2, 0.2, None)["test"] != a["test"]
+    assert (prep.make_split(cases, 1, 0.2, None)["test"] != a["test"]
+            or prep.make_split(cases, 2, 0.2, None)["test"] != a["test"])
     assert len(prep.make_split(cases, 0, 0.2, 3)["test"]) == 3
 
 

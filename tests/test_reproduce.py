@@ -14,7 +14,8 @@ pt = load_stage("scripts/paper_tables")
 
 
 def run(env, tmp_path):
-    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, cwd=REPO, env={**os.environ, **env})
+    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **env})
 
 
 def test_missing_inputs_stop_with_a_message(tmp_path):
@@ -23,9 +24,10 @@ def test_missing_inputs_stop_with_a_message(tmp_path):
     stub.chmod(0o755)
     r = run({"PY": str(stub), "UNIVERSEG": "", "MED3D": ""}, tmp_path)
     assert r.returncode == 2 and "UNIVERSEG" in r.stderr
-    (tmp_path / "u.pt").touch(), (tmp_path / "m.pth").touch()
-    r = run({"PY": str(stub), "UNIVERSEG": str(tmp_path / "u.pt"), "MED3D": str(tmp_path / "m.pth"), "LPIPS": str(tmp_path),
-             "ACT1K_IMAGES": ""}, tmp_path)
+    (tmp_path / "u.pt").touch()
+    (tmp_path / "m.pth").touch()
+    r = run({"PY": str(stub), "UNIVERSEG": str(tmp_path / "u.pt"), "MED3D": str(tmp_path / "m.pth"),
+             "LPIPS": str(tmp_path), "ACT1K_IMAGES": ""}, tmp_path)
     assert r.returncode == 2 and "ACT1K_IMAGES" in r.stderr and "AbdomenCT-1K" in r.stderr
 
 
@@ -33,10 +35,11 @@ def dry_run(tmp_path, extra):
     """The commands the script would run (DRY=1), as (script, argv) pairs."""
     for d in ("ai", "al", "ts", "lpips", "msd/labelsTr"):
         (tmp_path / d).mkdir(parents=True, exist_ok=True)
-    (tmp_path / "u.pt").touch(), (tmp_path / "m.pth").touch()
+    (tmp_path / "u.pt").touch()
+    (tmp_path / "m.pth").touch()
     env = {"DRY": "1", "ACT1K_IMAGES": str(tmp_path / "ai"), "ACT1K_LABELS": str(tmp_path / "al"),
-           "TOTALSEG": str(tmp_path / "ts"), "UNIVERSEG": str(tmp_path / "u.pt"), "MED3D": str(tmp_path / "m.pth"),
-           "LPIPS": str(tmp_path / "lpips"), **extra}
+           "TOTALSEG": str(tmp_path / "ts"), "UNIVERSEG": str(tmp_path / "u.pt"),
+           "MED3D": str(tmp_path / "m.pth"), "LPIPS": str(tmp_path / "lpips"), **extra}
     r = run(env, tmp_path)
     assert r.returncode == 0, r.stderr
     cmds = []
@@ -54,11 +57,11 @@ def test_every_command_parses(tmp_path, extra):
     stages = {}
     for script, argv in dry_run(tmp_path, extra):
         stages.setdefault(script, []).append(argv)
-    # both datasets (+ MSD tumour support on each grid), both VQ-GANs, five diffusion models, 13 sample sets each
-    # (5 ✓/V0, 4 ×, 4 Table 3), 3 evaluations, Fig. 6, the tables
+    # both datasets (+ MSD tumour support on each grid), both VQ-GANs, five diffusion models,
+    # 13 sample sets each (5 ✓/V0, 4 ×, 4 Table 3), 3 evaluations, Fig. 6, the tables
     assert {k: len(v) for k, v in stages.items()} == {
-        "01_preprocess": 4 if "TUMOUR_SUPPORT" in extra else 2, "02_masks": 2, "03_vqgan": 4, "04_diffusion": 10,
-        "05_sample": 26, "06_eval": 6, "07_ssl_seg": 2, "scripts/paper_tables": 2}
+        "01_preprocess": 4 if "TUMOUR_SUPPORT" in extra else 2, "02_masks": 2, "03_vqgan": 4,
+        "04_diffusion": 10, "05_sample": 26, "06_eval": 6, "07_ssl_seg": 2, "scripts/paper_tables": 2}
     for stage, argvs in stages.items():
         module = load_stage(stage)
         for argv in argvs:
@@ -67,7 +70,8 @@ def test_every_command_parses(tmp_path, extra):
         assert all("--tumour-support" in argv for argv in stages["02_masks"])
     vq = [load_stage("03_vqgan").get_args(argv) for argv in stages["03_vqgan"]]
     if not extra.get("QUICK"):  # the schedule that made the paper's numbers, in fp32 as the release
-        assert all((a.steps, a.disc_start, a.precision, a.grad_clip) == (50_000, 25_000, "fp32", 1.0) for a in vq)
+        assert all((a.steps, a.disc_start, a.precision, a.grad_clip) == (50_000, 25_000, "fp32", 1.0)
+                   for a in vq)
 
 
 def test_the_rehearsal_runs_the_paper_runs_commands(tmp_path):
@@ -77,11 +81,12 @@ def test_the_rehearsal_runs_the_paper_runs_commands(tmp_path):
     tiny = [c for c in dry_run(tmp_path, {"TINY": "1"}) if c[0] != "00_phantoms"]
     assert [s for s, _ in tiny] == [s for s, _ in paper]
     flags = lambda argv: [a for a in argv if a.startswith("--")]
-    differ = {"--method", "--weights", "--perceptual-weights", "--perceptual-weight", "--med3d-weights", "--precision",
-              "--med3d-depth"}
+    differ = {"--method", "--weights", "--perceptual-weights", "--perceptual-weight", "--med3d-weights",
+              "--precision", "--med3d-depth"}
     for (stage, a), (_, b) in zip(tiny, paper):
         assert set(flags(b)) - differ <= set(flags(a)), (stage, set(flags(b)) - set(flags(a)))
-        for f in ("--cond", "--lambda-loc", "--guidance", "--n-original", "--n-augmented", "--fake", "--synthetic"):
+        for f in ("--cond", "--lambda-loc", "--guidance", "--n-original", "--n-augmented", "--fake",
+                  "--synthetic"):
             if f in b and f != "--n-augmented":
                 assert [a[i + 1].split("=")[0] for i, x in enumerate(a) if x == f] == \
                        [b[i + 1].split("=")[0] for i, x in enumerate(b) if x == f], (stage, f)

@@ -57,14 +57,14 @@ def test_backbone_weights_load_strictly(tmp_path):
     # a torchvision ResNet file: with an fc head, without num_batches_tracked (older files)
     plain = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     torch.save({**plain, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, tmp_path / "r18.pth")
-    enc = ss.Encoder("resnet18", 16)
+    enc = ss.SliceEncoder("resnet18", 16)
     ss.load_backbone_weights(enc.backbone, tmp_path / "r18.pth")
     for k, v in plain.items():
         assert torch.equal(enc.backbone.state_dict()[k], v), k
     # a DeepLabV3 file: `backbone.` prefix, classifier heads
     torch.save({**{f"backbone.{k}": v for k, v in sd.items()}, "classifier.0.weight": torch.zeros(3),
                 "aux_classifier.4.bias": torch.zeros(3)}, tmp_path / "deeplab.pth")
-    enc2 = ss.Encoder("resnet18", 16)
+    enc2 = ss.SliceEncoder("resnet18", 16)
     ss.load_backbone_weights(enc2.backbone, tmp_path / "deeplab.pth")
     assert torch.equal(enc2.backbone.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"])
     # anything else must match exactly
@@ -80,7 +80,7 @@ def test_backbone_weights_load_strictly(tmp_path):
 
 
 def test_encoder_repeats_the_slice_to_three_channels():
-    enc = ss.Encoder("resnet18", 8).eval()
+    enc = ss.SliceEncoder("resnet18", 8).eval()
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         y = enc(x)
@@ -216,11 +216,13 @@ def test_sampling_grid_identity_and_displacement():
 
 
 @pytest.mark.parametrize("sigma", [5.0, 1.25])
-def test_gaussian_blur_is_cv2s_kernel(sigma):
-    x = torch.rand(3, 1, 40, 33, dtype=torch.float64)
+def test_elastic_smoothing_is_cv2s_gaussian_blur(sigma):
+    x = torch.rand(3, 2, 40, 33, dtype=torch.float64)
     r = (int(4 * sigma) | 1) // 2                    # cv2 ksize int(4σ)|1, BORDER_REFLECT_101 = scipy 'mirror'
-    want = np.stack([ndimage.gaussian_filter(v[0].numpy(), sigma, mode="mirror", truncate=r / sigma) for v in x])
-    np.testing.assert_allclose(ss.gaussian_blur(x, sigma)[:, 0].numpy(), want, atol=1e-12)
+    want = np.stack([[ndimage.gaussian_filter(c.numpy(), sigma, mode="mirror", truncate=r / sigma) for c in v]
+                     for v in x])
+    got = ss.vqgan.gaussian_smooth(x, ss.vqgan.gaussian_kernel(sigma, r, x), pad="reflect")
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
 
 
 AUG = dict(rotate=5.0, shift=5.0, shear=5.0, scale=(0.9, 1.2), elastic_alpha=10.0, elastic_sigma=5.0, gamma=(0.5, 1.5))
@@ -351,7 +353,7 @@ def test_evaluate_uses_the_right_support_chunk_and_slice_range():
     args = SimpleNamespace(chunks=3, eval_batch=5, pool_test=1, pool_train=1, proto_thresh=0.95)
     prec = choose_precision("cpu")
     t = lambda a: torch.from_numpy(a)
-    out = ss.evaluate(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img), q_lab)], {"pancreas": [4, 5], "liver": [1]},
+    out = ss.one_shot_dice(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img), q_lab)], {"pancreas": [4, 5], "liver": [1]},
                       args, prec)
     tp = 9 * 16
     assert out["pancreas"]["q"] == pytest.approx(2 * tp / (2 * tp + 4))
@@ -359,7 +361,7 @@ def test_evaluate_uses_the_right_support_chunk_and_slice_range():
     # shuffle the query's chunks: the organ is then missed wherever the chunk's support slice disagrees
     q_img2 = q_img.copy()
     q_img2[0:3][q_lab[0:3] == 4] = 5
-    out = ss.evaluate(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img2), q_lab)], {"pancreas": [4]}, args, prec)
+    out = ss.one_shot_dice(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img2), q_lab)], {"pancreas": [4]}, args, prec)
     assert out["pancreas"]["q"] == pytest.approx(2 * (6 * 16) / (2 * 6 * 16 + 4 + 3 * 16))
 
 
@@ -419,7 +421,7 @@ def test_train_step_never_waits_for_the_gpu(tmp_path):
     data = tuple(t.to(dev) for t in tiny_data())
     args = run_args(tmp_path, channels=256)
     prec = choose_precision(dev)
-    model = ss.Encoder("resnet18", 16).to(dev).train()
+    model = ss.SliceEncoder("resnet18", 16).to(dev).train()
     opt = torch.optim.SGD(model.parameters(), 1e-3, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.95)
     gen, w = torch.Generator(device=dev).manual_seed(0), torch.tensor([0.05, 1.0], device=dev)
@@ -510,7 +512,7 @@ def episode_dice(model, episodes, args):
         sc = ss.alp_logits(f[1:], f[:1], F.interpolate(sup_m, f.shape[-2:], mode="bilinear"), args.pool_train,
                            args.proto_thresh, args.pool_train)
         pred = F.interpolate(sc, qry.shape[-2:], mode="bilinear").argmax(1)[0].numpy() == 1
-        out.append(ss.ev.dice(pred, qry_m[0, 0].numpy() > 0))
+        out.append(ss.dice(pred, qry_m[0, 0].numpy() > 0))
     return float(np.mean(out))
 
 
@@ -545,7 +547,7 @@ def test_tiny_backbone_learns_on_phantoms(small_prep, tmp_path):
     for name, iters in [("untrained", 0), ("trained", args.iters)]:
         args.iters = iters
         model, _ = ss.train_run(data, args, prec, cpu, 0, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", {}, "", name)
-        organ = ss.evaluate(model, labelled[0], labelled[1:], args.organs, args, prec)
+        organ = ss.one_shot_dice(model, labelled[0], labelled[1:], args.organs, args, prec)
         figures[name] = (episode_dice(model, episodes, args),
                          {o: round(float(np.mean(list(d.values()))), 3) for o, d in organ.items() if d})
     print(f"held-out episode Dice / 1-shot organ Dice: {figures}")
