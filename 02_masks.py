@@ -53,9 +53,10 @@ from common import (MASK_NAMES, ArgumentParser, at_least, bar, choose_precision,
 
 UNIVERSEG_URL = "https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt"
 POSITIVE_FRACTION = 0.75  # share of support slices that contain the label ("mostly")
-NO_TUMOUR = ("no mask holds a tumour (label 2): the release's masks do, and a third of the structure condition "
-             "(the Betti numbers of label 2) is constant here. AbdomenCT-1K and TotalSegmentator label no tumour: "
-             "give UniverSeg tumour examples with --tumour-support (MSD Task07 Pancreas through 01_preprocess.py)")
+NO_TUMOUR = ("no mask holds a tumour (label 2): the release's masks do, and a third of the structure "
+             "condition (the Betti numbers of label 2) is constant here. AbdomenCT-1K and "
+             "TotalSegmentator label no tumour: give UniverSeg tumour examples with --tumour-support "
+             "(MSD Task07 Pancreas through 01_preprocess.py)")
 
 
 def get_args(argv=None):
@@ -73,10 +74,10 @@ def get_args(argv=None):
     u.add_argument("--support-split", choices=["test", "train", "all"], default="test",
                    help="labelled cases the support slices come from (paper: the held-out labelled cases)")
     u.add_argument("--tumour-support", type=Path, default=None,
-                   help="a 01_preprocess.py output folder of another labelled set whose labels hold tumours (MSD "
-                        "Task07 Pancreas, labels mapped 1:4,2:5): the tumour task's support slices come from all of "
-                        "its cases. AbdomenCT-1K and TotalSegmentator label no tumour, so without it no tumour is "
-                        "predicted there")
+                   help="a 01_preprocess.py output folder of another labelled set whose labels hold "
+                        "tumours (MSD Task07 Pancreas, labels mapped 1:4,2:5): the tumour task's support "
+                        "slices come from all of its cases. AbdomenCT-1K and TotalSegmentator label no "
+                        "tumour, so without it no tumour is predicted there")
     u.add_argument("--support-size", type=at_least(1), default=64,
                    help="support slices per prediction (UniverSeg v1 used 64)")
     u.add_argument("--ensemble", type=at_least(1), default=1,
@@ -84,10 +85,12 @@ def get_args(argv=None):
     u.add_argument("--batch", type=at_least(1), default=4,
                    help="target slices per forward pass (memory grows with batch × support)")
     u.add_argument("--resolution", type=at_least(8), default=128,
-                   help="slice size the model sees (UniverSeg v1 was trained at 128; smaller only for quick tests)")
+                   help="slice size the model sees (UniverSeg v1 was trained at 128; smaller only for "
+                        "quick tests)")
     u.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--largest-component", action="store_true",
-                   help="post-processing: keep only the largest 3-D connected component of the mask (organ + tumour)")
+                   help="post-processing: keep only the largest 3-D connected component of the mask "
+                        "(organ + tumour)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support sampling")
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
                    help="write a preview PNG per case")
@@ -138,7 +141,8 @@ class PerItem(nn.Module):
 
 
 class CrossConv(nn.Module):
-    """One 3×3 conv over concat(target, support_j) for every support j: (B,1,Ct,H,W), (B,S,Cs,H,W) -> (B,S,F,H,W).
+    """One 3×3 conv over concat(target, support_j) for every support j:
+    (B,1,Ct,H,W), (B,S,Cs,H,W) -> (B,S,F,H,W).
 
     A conv is linear in its input channels, so conv([t, s_j]) = conv_t(t) + conv_s(s_j): we
     run the target half once instead of S times. The maths is the official one, with less work."""
@@ -179,7 +183,8 @@ class UniverSeg(nn.Module):
     def __init__(self, encoder=(64, 64, 64, 64), decoder=(64, 64, 64)):
         super().__init__()
         self.enc_blocks, self.dec_blocks = nn.ModuleList(), nn.ModuleList()
-        ct, cs, skips = 1, 2, []  # target: image; support: image + label
+        ct, cs = 1, 2  # target: image; support: image + label
+        skips = []
         for f in encoder:
             self.enc_blocks.append(CrossBlock(ct, cs, f))
             ct = cs = f
@@ -193,7 +198,8 @@ class UniverSeg(nn.Module):
         target = target_image[:, None]                                   # (B, 1, 1, H, W)
         support = torch.cat([support_images, support_labels], dim=2)     # (B, S, 2, H, W)
         pool = lambda x: F.max_pool2d(x.flatten(0, 1), 2).unflatten(0, x.shape[:2])
-        up = lambda x: F.interpolate(x.flatten(0, 1), scale_factor=2, mode="bilinear", align_corners=True).unflatten(0, x.shape[:2])
+        up = lambda x: F.interpolate(x.flatten(0, 1), scale_factor=2, mode="bilinear",
+                                     align_corners=True).unflatten(0, x.shape[:2])
         skips = []
         for i, block in enumerate(self.enc_blocks):
             target, support = block(target, support)
@@ -233,7 +239,8 @@ def support_pools(prep, names, split_name, tasks, size, load=None):
     if not labelled:
         raise SystemExit(f"error: {prep}: no labelled case in the '{split_name}' split for the support set; "
                          f"try --support-split all, or --method labels")
-    pool = SupportPool(labelled, {n: data[n][0] for n in labelled}, {n: data[n][2] for n in labelled}, tasks, size)
+    pool = SupportPool(labelled, {n: data[n][0] for n in labelled},
+                       {n: data[n][2] for n in labelled}, tasks, size)
     return {task: pool for task in tasks}
 
 
@@ -261,9 +268,11 @@ class SupportPool:
 
     def __init__(self, cases, images, labels, tasks, size=128):
         self.size = size
-        self.images = torch.cat([to_model_slices(images[c], size) for c in cases])         # (N, 1, size, size)
+        # (N, 1, size, size)
+        self.images = torch.cat([to_model_slices(images[c], size) for c in cases])
         self.case_of = np.concatenate([[c] * len(images[c]) for c in cases])
-        self.labels = {t: torch.cat([to_model_labels(np.isin(labels[c], ids), size) for c in cases]) for t, ids in tasks.items()}
+        self.labels = {t: torch.cat([to_model_labels(np.isin(labels[c], ids), size) for c in cases])
+                       for t, ids in tasks.items()}
         self.positive = {t: (lab.flatten(1).amax(1) > 0).numpy() for t, lab in self.labels.items()}
 
     def sample(self, task, size, rng, exclude=None):
@@ -292,7 +301,8 @@ def predict_probability(model, vol, support, batch, device, precision):
         t = targets[i:i + batch]
         with precision.autocast():
             logits = model(t, s_img.expand(len(t), -1, -1, -1, -1), s_lab.expand(len(t), -1, -1, -1, -1))
-        out.append(torch.sigmoid(F.interpolate(logits.float(), size=vol.shape[1:], mode="bilinear", align_corners=False)))
+        out.append(torch.sigmoid(F.interpolate(logits.float(), size=vol.shape[1:], mode="bilinear",
+                                               align_corners=False)))
     return torch.cat(out)[:, 0].cpu().numpy()                                          # (D, H, W)
 
 
@@ -328,9 +338,9 @@ def main(args):
     prep, out = args.prep, args.prep / "masks"
     split = read_split(prep)
     names = split["train"] + split["test"]
-    settings = {k: getattr(args, k) for k in ("method", "organ", "tumour", "weights", "support_split", "support_size",
-                                              "ensemble", "resolution", "largest_component", "seed",
-                                              "tumour_support")}
+    settings = {k: getattr(args, k) for k in ("method", "organ", "tumour", "weights", "support_split",
+                                              "support_size", "ensemble", "resolution",
+                                              "largest_component", "seed", "tumour_support")}
     prep_cfg = prep / "config.json"  # 01's settings: masks of another preprocessing are refused
     settings["prep"] = file_fingerprint(prep_cfg) if prep_cfg.is_file() else None
     prepare_out(out)
@@ -355,11 +365,14 @@ def main(args):
                                    {"tumour": args.tumour}, args.resolution)
         for task, pool in pools.items():
             source = args.tumour_support if task == "tumour" and args.tumour_support else prep
-            print(f"UniverSeg {task} support: {len(pool.images)} slices ({int(pool.positive[task].sum())} with the "
-                  f"label) from {len(set(pool.case_of))} labelled cases of {source}")
+            print(f"UniverSeg {task} support: {len(pool.images)} slices "
+                  f"({int(pool.positive[task].sum())} with the label) "
+                  f"from {len(set(pool.case_of))} labelled cases of {source}")
             if not pool.positive[task].any():
-                print(f"warning: no support slice contains the {task} label {tasks[task]}: no {task} will be predicted")
-        print(f"UniverSeg on {device} ({precision.name}): {args.support_size} slices × {args.ensemble} set(s) per task")
+                print(f"warning: no support slice contains the {task} label {tasks[task]}: "
+                      f"no {task} will be predicted")
+        print(f"UniverSeg on {device} ({precision.name}): "
+              f"{args.support_size} slices × {args.ensemble} set(s) per task")
     guard_settings(out / "config.json", settings, args.overwrite)  # only once everything needed is at hand
 
     records, done, t_work = [], 0, 0.0
@@ -367,7 +380,8 @@ def main(args):
     progress = bar(names, desc=f"masks ({args.method})", unit="case")
     for name in progress:
         path, old = out / f"{name}.nii.gz", out / "cases" / f"{name}.json"
-        source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"], prep)  # a changed image: redo its mask
+        # a changed image: redo its mask
+        source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"], prep)
         if path.exists() and old.exists() and not args.overwrite:
             rec = json.loads(old.read_text())
             if rec.get("source") == source:
@@ -399,12 +413,14 @@ def main(args):
                 prob = np.zeros(img.shape, np.float32)
                 for _ in range(args.ensemble):
                     support = pools[task].sample(task, args.support_size, rng, exclude=name)
-                    prob += predict_probability(model, img, support, args.batch, device, precision) / args.ensemble
+                    prob += (predict_probability(model, img, support, args.batch, device, precision)
+                             / args.ensemble)
                 mask[prob > 0.5] = value  # tumour is written last: it overrides the organ
         if args.largest_component:
             mask = largest_component(mask)
         if not mask.any():
-            rec["warnings"].append("empty mask: nothing found (later stages treat the case as having no organ)")
+            rec["warnings"].append("empty mask: nothing found (later stages treat the case as "
+                                   "having no organ)")
             progress.write(f"warning {name}: empty mask")
         rec.update(status="ok", organ_voxels=int((mask == 1).sum()), tumour_voxels=int((mask == 2).sum()))
         if lab is not None and args.method == "universeg":
@@ -418,7 +434,8 @@ def main(args):
             if lab is not None and args.method == "universeg":
                 rows.append((img, mask_from_labels(lab, args.organ, args.tumour), "labels"))
             sp = np.sqrt((aff[:3, :3] ** 2).sum(0))
-            save_preview(out / "previews" / f"{name}.png", [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+            save_preview(out / "previews" / f"{name}.png",
+                         [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                          spacing=(sp[2], sp[1], sp[0]), vrange=soft_tissue(args.prep), names=MASK_NAMES)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         save_json(rec, out / "cases" / f"{name}.json")
@@ -427,7 +444,8 @@ def main(args):
         t_work += rec["seconds"]
 
     ok = [r for r in records if r["status"] == "ok"]
-    mean = lambda key: (lambda v: round(float(np.mean(v)), 4) if v else None)([r[key] for r in ok if r.get(key) is not None])
+    mean = lambda key: (lambda v: round(float(np.mean(v)), 4) if v else None)(
+        [r[key] for r in ok if r.get(key) is not None])
     with_tumour = sum(r["tumour_voxels"] > 0 for r in ok)
     warnings = []
     if ok and not with_tumour:
@@ -444,7 +462,8 @@ def main(args):
           f"({summary['masks_per_second']} masks/s over {done} new); {summary['counts']['skipped']} skipped, "
           f"{summary['counts']['empty']} empty")
     if summary["mean_dice_organ"] is not None:
-        print(f"Dice against the labels: organ {summary['mean_dice_organ']}, tumour {summary['mean_dice_tumour']}")
+        print(f"Dice against the labels: organ {summary['mean_dice_organ']}, "
+              f"tumour {summary['mean_dice_tumour']}")
     print(f"{with_tumour} of {len(ok)} masks hold a tumour (label 2)")
     for w in warnings:
         print(f"\nWARNING: {w}\n")

@@ -79,14 +79,16 @@ def get_args(argv=None):
     w.add_argument("--gan-feat-weight", type=at_least(0.0, float), default=4.0,
                    help="discriminator feature matching")
     w.add_argument("--disc-start", type=at_least(0), default=25_000,
-                   help="iteration at which the discriminators start (the release's 50k Lightning steps, see --steps)")
+                   help="iteration at which the discriminators start (the release's 50k Lightning "
+                        "steps, see --steps)")
     w.add_argument("--lambda-loc", type=at_least(0.0, float), default=1.0,
                    help="locality loss λ (Eq. 3); 0 = Medical Diffusion")
     t = p.add_argument_group("training (paper §4.1.3)")
     t.add_argument("--steps", type=at_least(1), default=50_000,
-                   help="training iterations (one batch: a generator and a discriminator update). The paper's "
-                        "'100k steps' are Lightning 1.6 steps, which count each of the two optimisers: the release's "
-                        "checkpoint epoch=124-step=100000 (800 volumes, batch 2, one GPU) is 50k batches")
+                   help="training iterations (one batch: a generator and a discriminator update). "
+                        "The paper's '100k steps' are Lightning 1.6 steps, which count each of the two "
+                        "optimisers: the release's checkpoint epoch=124-step=100000 (800 volumes, "
+                        "batch 2, one GPU) is 50k batches")
     t.add_argument("--batch-size", type=at_least(1), default=2,
                    help="volumes per iteration per GPU; under torchrun the effective batch is this × GPUs "
                         "(the paper's 2 on one GPU; on two GPUs pass 1)")
@@ -94,7 +96,8 @@ def get_args(argv=None):
                    help="clip each optimiser's gradient norm to this (the release and Medical Diffusion: "
                         "gradient_clip_val 1.0); 0 = off")
     t.add_argument("--lr", type=positive, default=3e-4,
-                   help="Adam lr for both optimisers: the paper's 3e-4 (the release's lr scaling made it ≈1.9e-5)")
+                   help="Adam lr for both optimisers: the paper's 3e-4 (the release's lr scaling made "
+                        "it ≈1.9e-5)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on CPU. "
@@ -111,8 +114,9 @@ def get_args(argv=None):
         got = " ".join(map(str, args.downsample))
         p.error(f"argument --downsample: each factor must be a power of 2, got {got}")
     if args.perceptual_weight > 0 and args.perceptual_weights is None:
-        p.error("the perceptual loss needs pretrained VGG16/LPIPS weights: --perceptual-weights DIR (with "
-                "vgg16-397923af.pth and vgg.pth) or --perceptual-weights auto (download); or --perceptual-weight 0")
+        p.error("the perceptual loss needs pretrained VGG16/LPIPS weights: --perceptual-weights DIR "
+                "(with vgg16-397923af.pth and vgg.pth) or --perceptual-weights auto (download); or "
+                "--perceptual-weight 0")
     return args
 
 
@@ -167,7 +171,8 @@ class ResBlock(nn.Module):
 
 
 def _stages(factors):
-    """Per stage, the stride of each axis: (4, 4, 4) -> [(2, 2, 2), (2, 2, 2)]; (2, 4, 4) -> [(2, 2, 2), (1, 2, 2)]."""
+    """Per stage, the stride of each axis: (4, 4, 4) -> [(2, 2, 2), (2, 2, 2)];
+    (2, 4, 4) -> [(2, 2, 2), (1, 2, 2)]."""
     times = [int(math.log2(f)) for f in factors]
     return [tuple(2 if t > i else 1 for t in times) for i in range(max(times))]
 
@@ -182,7 +187,8 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList()
         ch = n_hiddens
         for stride in _stages(downsample):
-            self.blocks.append(nn.ModuleDict({"down": SamePadConv3d(ch, 2 * ch, 4, stride), "res": ResBlock(2 * ch, groups)}))
+            self.blocks.append(nn.ModuleDict({"down": SamePadConv3d(ch, 2 * ch, 4, stride),
+                                              "res": ResBlock(2 * ch, groups)}))
             ch *= 2
         self.final = nn.Sequential(group_norm(ch, groups), nn.SiLU())
         self.out_channels = ch
@@ -269,24 +275,31 @@ class Codebook(nn.Module):
             if self.training and self._need_init:
                 with torch.no_grad():
                     v = self._random_vectors(flat.detach())
-                    self.embeddings.copy_(v), self.z_avg.copy_(v), self.N.fill_(1.0), self.initialized.fill_(True)
+                    self.embeddings.copy_(v)
+                    self.z_avg.copy_(v)
+                    self.N.fill_(1.0)
+                    self.initialized.fill_(True)
                 self._need_init = False
             idx = self.nearest(flat.detach())
             e = F.embedding(idx, self.embeddings).view(*z.shape[:1], *z.shape[2:], z.shape[1]).movedim(-1, 1)
             commitment = 0.25 * F.mse_loss(z, e.detach())
-            counts = torch.zeros(self.n_codes, device=z.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
+            counts = torch.zeros(self.n_codes, device=z.device).index_add_(
+                0, idx, torch.ones_like(idx, dtype=torch.float))
             if self.training:
                 with torch.no_grad():
                     sums = torch.zeros_like(self.embeddings).index_add_(0, idx, flat.detach())
                     if dist.is_initialized():
-                        dist.all_reduce(counts), dist.all_reduce(sums)
+                        dist.all_reduce(counts)
+                        dist.all_reduce(sums)
                     self.N.mul_(self.decay).add_(counts, alpha=1 - self.decay)
                     self.z_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
                     n = self.N.sum()
-                    weights = (self.N + 1e-7) / (n + self.n_codes * 1e-7) * n               # Laplace-smoothed usage
+                    # Laplace-smoothed usage
+                    weights = (self.N + 1e-7) / (n + self.n_codes * 1e-7) * n
                     self.embeddings.copy_(self.z_avg / weights[:, None])
                     used = (self.N >= self.restart_threshold)[:, None]
-                    self.embeddings.copy_(torch.where(used, self.embeddings, self._random_vectors(flat.detach())))
+                    self.embeddings.copy_(torch.where(used, self.embeddings,
+                                                      self._random_vectors(flat.detach())))
             p = counts / counts.sum()
             perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())
             return z + (e - z).detach(), idx.view(z.shape[0], *z.shape[2:]), commitment, perplexity
@@ -385,7 +398,8 @@ class LPIPS(nn.Module):
             layers += [nn.MaxPool2d(2)] if c == "M" else [nn.Conv2d(*c, 3, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*layers[:30])
         for i, ch in enumerate((64, 128, 256, 512, 512)):
-            self.add_module(f"lin{i}", nn.ModuleDict({"model": nn.Sequential(nn.Dropout(), nn.Conv2d(ch, 1, 1, bias=False))}))
+            self.add_module(f"lin{i}", nn.ModuleDict(
+                {"model": nn.Sequential(nn.Dropout(), nn.Conv2d(ch, 1, 1, bias=False))}))
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
 
@@ -420,9 +434,9 @@ def load_lpips(source):
                     raise FileNotFoundError(errno.ENOENT, "no such file", str(f))
             vgg, lin = (load_checkpoint(f) for f in files)
     except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"error: cannot get the LPIPS/VGG16 weights ({e}). Put vgg16-397923af.pth ({VGG16_URL}) "
-                         f"and vgg.pth ({LPIPS_URL}) in a folder and pass --perceptual-weights DIR, "
-                         f"or train without them: --perceptual-weight 0")
+        raise SystemExit(f"error: cannot get the LPIPS/VGG16 weights ({e}). Put vgg16-397923af.pth "
+                         f"({VGG16_URL}) and vgg.pth ({LPIPS_URL}) in a folder and pass "
+                         f"--perceptual-weights DIR, or train without them: --perceptual-weight 0")
     state = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) < 30}
     state.update(lin)
     state.update(shift=model.shift, scale=model.scale)
@@ -435,7 +449,8 @@ def box_mask(boxes, shape):
     """(B, 6) boxes [z0, z1, y0, y1, x0, x1) -> (B, 1, D, H, W) bool, built on the device (no sync)."""
     d, h, w = (torch.arange(n, device=boxes.device) for n in shape)
     inside = lambda a, lo, hi: (a[None] >= lo[:, None]) & (a[None] < hi[:, None])
-    z, y, x = inside(d, boxes[:, 0], boxes[:, 1]), inside(h, boxes[:, 2], boxes[:, 3]), inside(w, boxes[:, 4], boxes[:, 5])
+    z, y, x = (inside(d, boxes[:, 0], boxes[:, 1]), inside(h, boxes[:, 2], boxes[:, 3]),
+               inside(w, boxes[:, 4], boxes[:, 5]))
     return (z[:, :, None, None] & y[:, None, :, None] & x[:, None, None, :])[:, None]
 
 
@@ -527,11 +542,13 @@ def load_split(prep, names):
         vols.append(xyz_to_dhw(read_nifti(prep / "images" / f"{n}.nii.gz")[0]))
         mpath = prep / "masks" / f"{n}.nii.gz"
         if not mpath.exists():
-            raise SystemExit(f"error: {mpath} not found: run 02_masks.py first (the locality loss needs the masks)")
+            raise SystemExit(f"error: {mpath} not found: run 02_masks.py first (the locality loss "
+                             "needs the masks)")
         box = mask_box(xyz_to_dhw(read_nifti(mpath, None)[0]))
         boxes.append(box or [0] * 6)
         has.append(box is not None)
-    return (torch.from_numpy(np.stack(vols)[:, None]).half(), torch.tensor(boxes), torch.tensor(has, dtype=torch.float))
+    return (torch.from_numpy(np.stack(vols)[:, None]).half(), torch.tensor(boxes),
+            torch.tensor(has, dtype=torch.float))
 
 
 # --------------------------------------------------------------------------- training step
@@ -547,10 +564,13 @@ def clip_gradients(nets, opt, prec, max_norm):
 
 def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, args):
     """One step of Eq. 1 + λ·Eq. 2 for the autoencoder, then (once `gan_on`) one hinge step for both
-    discriminators. x (B, 1, D, H, W) in [-1, 1]; batch_boxes, batch_has_box the precomputed organ boxes. Returns the
-    reconstruction and the detached losses [l1, commitment, perceptual, g_image, g_volume, feat_match,
-    locality, d_loss, perplexity]. Nothing here waits for the device (bench.py times this function)."""
-    (model_t, d2_t, d3_t), (opt_ae, opt_d), device = nets, opts, x.device
+    discriminators. x (B, 1, D, H, W) in [-1, 1]; batch_boxes, batch_has_box the precomputed organ
+    boxes. Returns the reconstruction and the detached losses [l1, commitment, perceptual, g_image,
+    g_volume, feat_match, locality, d_loss, perplexity]. Nothing here waits for the device (bench.py
+    times this function)."""
+    model_t, d2_t, d3_t = nets
+    opt_ae, opt_d = opts
+    device = x.device
     with prec.autocast():
         x_rec, commitment, perplexity = model_t(x)
         x_rec = x_rec.float()
@@ -571,8 +591,10 @@ def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, a
                 _, fr3 = d3_t(x)
             # feature matching, weight 4 / (n_layers + 1) per layer as in the reference
             fw = 4.0 / (args.disc_layers + 1)
-            feat = sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff2[:-1], fr2[:-1])) * (args.image_gan_weight > 0) + \
-                sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff3[:-1], fr3[:-1])) * (args.volume_gan_weight > 0)
+            feat = (sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff2[:-1], fr2[:-1]))
+                    * (args.image_gan_weight > 0)
+                    + sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff3[:-1], fr3[:-1]))
+                    * (args.volume_gan_weight > 0))
         loss = (args.l1_weight * l1 + commitment + args.perceptual_weight * perceptual
                 + args.image_gan_weight * g_img + args.volume_gan_weight * g_vol
                 + args.gan_feat_weight * feat + args.lambda_loc * loc)                  # Eq. 1 + λ·Eq. 2
@@ -590,7 +612,8 @@ def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, a
         clip_gradients((d2_t, d3_t), opt_d, prec, args.grad_clip)
         prec.scaler.step(opt_d)
     prec.scaler.update()
-    return x_rec, torch.stack([l1, commitment, perceptual, g_img, g_vol, feat, loc, d_loss, perplexity]).detach().float()
+    return x_rec, torch.stack([l1, commitment, perceptual, g_img, g_vol, feat, loc, d_loss,
+                               perplexity]).detach().float()
 
 
 # --------------------------------------------------------------------------- main
@@ -635,15 +658,17 @@ def main(args):
     vols, boxes, has_box = vols.to(home), boxes.to(home), has_box.to(home)
     # a batch gathered in host memory reaches the GPU by one pinned, non-blocking copy (no sync)
     to_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if home != device else (lambda t: t)
-    n_train, shape = len(vols), tuple(vols.shape[2:])
+    n_train = len(vols)
+    shape = tuple(vols.shape[2:])
 
-    model = VQGAN(args.n_hiddens, args.downsample, args.embedding_dim, args.n_codes, args.num_groups).to(device)
+    model = VQGAN(args.n_hiddens, args.downsample, args.embedding_dim, args.n_codes,
+                  args.num_groups).to(device)
     disc2d = PatchGAN(2, args.disc_channels, args.disc_layers).to(device)
     disc3d = PatchGAN(3, args.disc_channels, args.disc_layers).to(device)
     lpips = load_lpips(args.perceptual_weights).to(device) if args.perceptual_weight > 0 else None
     opt_ae = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9), fused=device.type == "cuda")
-    opt_d = torch.optim.Adam(list(disc2d.parameters()) + list(disc3d.parameters()), lr=args.lr, betas=(0.5, 0.9),
-                             fused=device.type == "cuda")
+    opt_d = torch.optim.Adam(list(disc2d.parameters()) + list(disc3d.parameters()), lr=args.lr,
+                             betas=(0.5, 0.9), fused=device.type == "cuda")
     gen = torch.Generator(device=home).manual_seed(args.seed + 1000 * rank)  # batch sampling
 
     # everything a resumed run needs, by the names the checkpoint stores them under
@@ -669,7 +694,8 @@ def main(args):
         save_checkpoint(training_state(step, args, model.kwargs, parts, gen, device), ckpt_path)
         with torch.no_grad():  # preview: first sample of the last batch, box drawn
             b = box_mask(batch_boxes[:1], shape)[0, 0].cpu().numpy().astype(np.uint8)
-            save_preview(out / "previews" / f"step{step:07d}.png", [(x[0, 0] + 1) / 2, (x_rec[0, 0].float().clamp(-1, 1) + 1) / 2],
+            save_preview(out / "previews" / f"step{step:07d}.png",
+                         [(x[0, 0] + 1) / 2, (x_rec[0, 0].float().clamp(-1, 1) + 1) / 2],
                          [b, b], ["input", f"reconstruction, step {step}"], vrange=soft_tissue(args.prep),
                          names={1: "organ box"})
 
@@ -680,19 +706,24 @@ def main(args):
            f"batch {args.batch_size}×{world}, lr {args.lr}, λ_loc {args.lambda_loc}")
     sizing_note(device, gpu_sized(shape, args), CPU_SIZED)
     log_path = out / "log.csv"
-    fields = ["step", "l1", "commitment", "perceptual", "g_image", "g_volume", "feat_match", "locality", "d_loss",
-              "perplexity", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
+    fields = ["step", "l1", "commitment", "perceptual", "g_image", "g_volume", "feat_match", "locality",
+              "d_loss", "perplexity", "ms_per_step", "volumes_per_s", "peak_mem_gb"]
     log_row = csv_logger(log_path, fields, start_step=step, enabled=rank == 0)
     sums = torch.zeros(len(fields) - 4, device=device)
-    t_last, n_last, x = time.perf_counter(), step, None
+    t_last, n_last = time.perf_counter(), step
+    x = None
     first = step + 1  # the step that gets a timing line
-    model_t.train(), d2_t.train(), d3_t.train()
+    model_t.train()
+    d2_t.train()
+    d3_t.train()
     while step < args.steps:
         idx = torch.randint(n_train, (args.batch_size,), generator=gen, device=home)
-        x = to_device(vols[idx]).float() * 2 - 1                                    # (B, 1, D, H, W) in [-1, 1]
-        batch_boxes, batch_has_box = to_device(boxes[idx]), to_device(has_box[idx])                     # precomputed boxes (B, 6)
+        x = to_device(vols[idx]).float() * 2 - 1  # (B, 1, D, H, W) in [-1, 1]
+        # precomputed boxes (B, 6)
+        batch_boxes, batch_has_box = to_device(boxes[idx]), to_device(has_box[idx])
         gan_on = step >= args.disc_start  # disc_factor of the reference: 0 before, 1 after
-        x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, batch_boxes, batch_has_box, gan_on, args)
+        x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, batch_boxes,
+                                  batch_has_box, gan_on, args)
         step += 1
         sums += stats
         if step == first:
@@ -704,8 +735,9 @@ def main(args):
             vps = (step - n_last) * args.batch_size * world / dt
             row = [step, *vals, ms, vps, peak_memory_gb(device)]
             log_row(row)
-            print0(f"step {step:>7} | l1 {vals[0]:.4f} commit {vals[1]:.4f} perc {vals[2]:.4f} g {vals[3]:.3f}/{vals[4]:.3f} "
-                   f"feat {vals[5]:.4f} loc {vals[6]:.4f} d {vals[7]:.3f} | perplexity {vals[8]:.1f} | "
+            print0(f"step {step:>7} | l1 {vals[0]:.4f} commit {vals[1]:.4f} perc {vals[2]:.4f} "
+                   f"g {vals[3]:.3f}/{vals[4]:.3f} feat {vals[5]:.4f} loc {vals[6]:.4f} "
+                   f"d {vals[7]:.3f} | perplexity {vals[8]:.1f} | "
                    f"{ms:.0f} ms/step, {vps:.2f} vol/s, peak {row[-1]:.2f} GB, {eta(ms, args.steps - step)}")
             sums.zero_()
             t_last, n_last = time.perf_counter(), step
@@ -750,7 +782,8 @@ def evaluate(model, prep, names, out, device, prec):
             ssim_box = float(ssim_and_cs(x[inside], rec[inside])[0].mean())
             r.update(psnr_box=psnr(x, rec, m), ssim_box=ssim_box)
         rows.append(r)
-    mean = lambda k: round(float(np.mean([r[k] for r in rows if k in r])), 4) if any(k in r for r in rows) else None
+    mean = lambda k: (round(float(np.mean([r[k] for r in rows if k in r])), 4)
+                      if any(k in r for r in rows) else None)
     metrics = {k: mean(k) for k in ("psnr", "ssim", "psnr_box", "ssim_box")}
     save_json({**metrics, "n_test": len(rows), "cases": rows}, out / "metrics.json")
     print(f"test ({len(rows)} volumes): PSNR {metrics['psnr']} dB, SSIM {metrics['ssim']}; inside the box: "

@@ -67,7 +67,8 @@ def get_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("runs/diffusion"), help="run folder")
     m = p.add_argument_group("model (docs/reference.md §3)")
     m.add_argument("--cond", choices=["none", "content", "structure", "both"], default="both",
-                   help="locality condition (Table 2): none = V0, content = V1, structure = V2, both = V3/Full")
+                   help="locality condition (Table 2): none = V0, content = V1, structure = V2, "
+                        "both = V3/Full")
     m.add_argument("--dim", type=at_least(1), default=64, help="Unet3D base width")
     m.add_argument("--dim-mults", type=at_least(1), nargs="+", default=(1, 2, 4, 8),
                    help="width multipliers per level")
@@ -168,7 +169,8 @@ class Block(nn.Module):
 
     def __init__(self, dim, dim_out, groups=8):
         super().__init__()
-        self.proj, self.norm = nn.Conv3d(dim, dim_out, (1, 3, 3), padding=(0, 1, 1)), nn.GroupNorm(groups, dim_out)
+        self.proj = nn.Conv3d(dim, dim_out, (1, 3, 3), padding=(0, 1, 1))
+        self.norm = nn.GroupNorm(groups, dim_out)
 
     def forward(self, x, scale_shift=None):
         x = self.norm(self.proj(x))
@@ -227,7 +229,8 @@ class Attention(nn.Module):
 
     def forward(self, x, bias=None):  # x (..., n, dim); bias (heads, n, n)
         *lead, n, _ = x.shape
-        q, k, v = (t.reshape(-1, n, self.heads, self.dim_head).transpose(1, 2) for t in self.to_qkv(x).chunk(3, -1))
+        q, k, v = (t.reshape(-1, n, self.heads, self.dim_head).transpose(1, 2)
+                   for t in self.to_qkv(x).chunk(3, -1))
         if self.rotary:
             rd = min(32, self.dim_head)
             freqs = 1.0 / (10000 ** (torch.arange(0, rd, 2, device=x.device).float() / rd))
@@ -302,13 +305,14 @@ class Unet3D(nn.Module):
 
     def __init__(self, channels=8, dim=64, dim_mults=(1, 2, 4, 8), cond_dim=0, heads=8, dim_head=32):
         super().__init__()
-        self.kwargs = dict(channels=channels, dim=dim, dim_mults=list(dim_mults), cond_dim=cond_dim, heads=heads,
-                           dim_head=dim_head)
+        self.kwargs = dict(channels=channels, dim=dim, dim_mults=list(dim_mults), cond_dim=cond_dim,
+                           heads=heads, dim_head=dim_head)
         self.rel_pos_bias = RelativePositionBias(heads)
         self.init_conv = nn.Conv3d(channels, dim, (1, 7, 7), padding=(0, 3, 3))
         self.init_depth_attn = DepthAttention(dim, heads, dim_head)
         time_dim = dim * 4
-        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(),
+                                      nn.Linear(time_dim, time_dim))
         self.null_cond = nn.Parameter(torch.randn(1, cond_dim)) if cond_dim else None
         emb = time_dim + cond_dim
         dims = [dim, *(dim * m for m in dim_mults)]
@@ -318,14 +322,18 @@ class Unet3D(nn.Module):
         def level(cin, cout, resample):  # 2 ResNet blocks, linear + depth attention, then down/up in H, W
             re = {"down": nn.Conv3d, "up": nn.ConvTranspose3d}.get(resample)
             return nn.ModuleList([ResnetBlock(cin, cout, emb), ResnetBlock(cout, cout, emb),
-                                  LinearAttentionBlock(cout, heads, dim_head), DepthAttention(cout, heads, dim_head),
+                                  LinearAttentionBlock(cout, heads, dim_head),
+                                  DepthAttention(cout, heads, dim_head),
                                   re(cout, cout, (1, 4, 4), (1, 2, 2), (0, 1, 1)) if re else nn.Identity()])
 
-        self.downs = nn.ModuleList(level(a, b, "down" if i < last else None) for i, (a, b) in enumerate(pairs))
+        self.downs = nn.ModuleList(level(a, b, "down" if i < last else None)
+                                   for i, (a, b) in enumerate(pairs))
         mid = dims[-1]
         self.mid_block1, self.mid_block2 = ResnetBlock(mid, mid, emb), ResnetBlock(mid, mid, emb)
-        self.mid_spatial_attn, self.mid_depth_attn = SpatialAttention(mid, heads, dim_head), DepthAttention(mid, heads, dim_head)
-        self.ups = nn.ModuleList(level(2 * b, a, "up" if i < last else None) for i, (a, b) in enumerate(reversed(pairs)))
+        self.mid_spatial_attn = SpatialAttention(mid, heads, dim_head)
+        self.mid_depth_attn = DepthAttention(mid, heads, dim_head)
+        self.ups = nn.ModuleList(level(2 * b, a, "up" if i < last else None)
+                                 for i, (a, b) in enumerate(reversed(pairs)))
         self.final_block = ResnetBlock(dim * 2, dim)
         self.final_conv = nn.Conv3d(dim, channels, 1)
 
@@ -362,9 +370,11 @@ class ConditionExtractor(nn.Module):
         self.kwargs = dict(mode=mode, latent_shape=list(latent_shape), depth=depth)
         self.use_content, self.use_structure = mode in ("content", "both"), mode in ("structure", "both")
         c, *s = latent_shape
-        self.content = nn.Sequential(nn.Conv3d(c, 4, 3, 2, 1), nn.Conv3d(4, 1, 3, 2, 1)) if self.use_content else None
+        self.content = (nn.Sequential(nn.Conv3d(c, 4, 3, 2, 1), nn.Conv3d(4, 1, 3, 2, 1))
+                        if self.use_content else None)
         reduce = lambda n: (n + 1) // 2
-        self.dim = (math.prod(reduce(reduce(n)) for n in s) if self.use_content else 0) + (depth * 6 if self.use_structure else 0)
+        self.dim = ((math.prod(reduce(reduce(n)) for n in s) if self.use_content else 0)
+                    + (depth * 6 if self.use_structure else 0))
 
     def forward(self, mask_latent, betti):
         parts = []
@@ -403,12 +413,18 @@ class GaussianDiffusion(nn.Module):
         abar = torch.cumprod(alphas, 0)
         abar_prev = F.pad(abar[:-1], (1, 0), value=1.0)
         reg = lambda name, v: self.register_buffer(name, v.float(), persistent=False)
-        reg("betas", betas), reg("alphas_cumprod", abar), reg("alphas_cumprod_prev", abar_prev)
-        reg("sqrt_abar", abar.sqrt()), reg("sqrt_1m_abar", (1 - abar).sqrt())
-        reg("sqrt_recip_abar", (1 / abar).sqrt()), reg("sqrt_recipm1_abar", (1 / abar - 1).sqrt())
+        reg("betas", betas)
+        reg("alphas_cumprod", abar)
+        reg("alphas_cumprod_prev", abar_prev)
+        reg("sqrt_abar", abar.sqrt())
+        reg("sqrt_1m_abar", (1 - abar).sqrt())
+        reg("sqrt_recip_abar", (1 / abar).sqrt())
+        reg("sqrt_recipm1_abar", (1 / abar - 1).sqrt())
         post_var = betas * (1 - abar_prev) / (1 - abar)
-        reg("posterior_variance", post_var), reg("posterior_log_variance", post_var.clamp_min(1e-20).log())
-        reg("posterior_coef1", betas * abar_prev.sqrt() / (1 - abar)), reg("posterior_coef2", (1 - abar_prev) * alphas.sqrt() / (1 - abar))
+        reg("posterior_variance", post_var)
+        reg("posterior_log_variance", post_var.clamp_min(1e-20).log())
+        reg("posterior_coef1", betas * abar_prev.sqrt() / (1 - abar))
+        reg("posterior_coef2", (1 - abar_prev) * alphas.sqrt() / (1 - abar))
 
     @staticmethod
     def _at(a, t, x):
@@ -442,7 +458,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def p_step(self, x_t, t, eps, noise):
-        """One ancestral step: x̂0 from ε, clipped to [-1, 1]; the posterior mean plus noise (none at t = 0)."""
+        """One ancestral step: x̂0 from ε, clipped to [-1, 1]; the posterior mean plus noise
+        (none at t = 0)."""
         x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
         mean, _, logvar = self.q_posterior(x0, x_t, t)
         nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))
@@ -455,7 +472,8 @@ def guided_eps(denoiser, z, t, cond_inputs, w):
     if denoiser.extractor.dim == 0 or w == 0:
         return denoiser(z, t, *cond_inputs)
     b = len(z)
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=z.device), torch.ones(b, dtype=torch.bool, device=z.device)])
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=z.device),
+                      torch.ones(b, dtype=torch.bool, device=z.device)])
     eps = denoiser(torch.cat([z, z]), torch.cat([t, t]), *(torch.cat([c, c]) for c in cond_inputs), drop=drop)
     eps_c, eps_u = eps.chunk(2)
     return (1 + w) * eps_c - w * eps_u
@@ -539,7 +557,8 @@ def build_cache(args, names, vqgan, device):
     """Latents of the volumes ([0, 1] -> [-1, 1] -> encoder), of the masks (labels 0/1/2 as
     floats -> encoder), Betti vectors; reused while the VQ-GAN checkpoint is unchanged."""
     stat = args.vqgan.stat()
-    key = {"vqgan": str(args.vqgan.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "names": names}
+    key = {"vqgan": str(args.vqgan.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "names": names}
     path = args.out / "cache.pt"
     if path.exists():
         cache = load_checkpoint(path)
@@ -562,7 +581,8 @@ def build_cache(args, names, vqgan, device):
              "latents": latents_to_unit(encode_all(vqgan, vols, device), lo, hi),
              "mask_latents": mask_latent, "betti": betti, "masks": torch.from_numpy(np.stack(masks))}
     save_checkpoint(cache, path)
-    print0(f"encoded {len(names)} volumes and masks, {len(names)} Betti vectors in {time.perf_counter() - t0:.1f} s -> {path}")
+    print0(f"encoded {len(names)} volumes and masks, {len(names)} Betti vectors in "
+           f"{time.perf_counter() - t0:.1f} s -> {path}")
     return cache
 
 
@@ -673,12 +693,13 @@ def main(args):
         dist.barrier()  # the other ranks read what rank 0 built
     cache = cache or load_checkpoint(args.out / "cache.pt")
     lo, hi = cache["scale"]
-    z0, mask_latents, betti = cache["latents"].to(device), cache["mask_latents"].to(device), cache["betti"].to(device)
+    z0, mask_latents, betti = (cache["latents"].to(device), cache["mask_latents"].to(device),
+                               cache["betti"].to(device))
     n_train, latent_shape, depth = len(z0), tuple(z0.shape[1:]), cache["masks"].shape[1]
 
     model = Denoiser(dict(mode=args.cond, latent_shape=latent_shape, depth=depth),
-                     dict(channels=latent_shape[0], dim=args.dim, dim_mults=args.dim_mults, heads=args.attn_heads,
-                          dim_head=args.attn_dim_head)).to(device)
+                     dict(channels=latent_shape[0], dim=args.dim, dim_mults=args.dim_mults,
+                          heads=args.attn_heads, dim_head=args.attn_dim_head)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ddpm = GaussianDiffusion(args.timesteps).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
@@ -721,9 +742,9 @@ def main(args):
                      vrange=soft_tissue(args.prep), names=MASK_NAMES)
 
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); {n_train} latents "
-           f"{latent_shape}; {world} process(es) on {device}, {prec.name}; batch {args.batch_size}×{world}×{args.grad_accum}, "
-           f"lr {args.lr}, p_uncond {args.p_uncond}")
+    print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); "
+           f"{n_train} latents {latent_shape}; {world} process(es) on {device}, {prec.name}; "
+           f"batch {args.batch_size}×{world}×{args.grad_accum}, lr {args.lr}, p_uncond {args.p_uncond}")
     sizing_note(device, gpu_sized(latent_shape, depth, args), CPU_SIZED)
     log_path = args.out / "log.csv"
     log_row = csv_logger(log_path, ["step", "loss", "ms_per_step", "volumes_per_s", "peak_mem_gb"],
@@ -751,8 +772,9 @@ def main(args):
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model_t.train()
     while step < args.steps:
-        loss_sum += train_step(model_t, ddpm, opt, prec, (z0, mask_latents, betti), args.batch_size, args.grad_accum,
-                               args.p_uncond, gen, micro, first_piece if step + 1 == first else None)
+        loss_sum += train_step(model_t, ddpm, opt, prec, (z0, mask_latents, betti), args.batch_size,
+                               args.grad_accum, args.p_uncond, gen, micro,
+                               first_piece if step + 1 == first else None)
         step += 1
         ema_update(ema_params, params, step, args.ema_start, args.ema_every, args.ema_decay)
         if step == first:
@@ -760,7 +782,8 @@ def main(args):
         if step % args.log_every == 0 or step == args.steps:
             dt = time.perf_counter() - t_last
             loss_v = loss_sum.item() / (step - n_last)
-            ms, vps = 1000 * dt / (step - n_last), (step - n_last) * args.batch_size * args.grad_accum * world / dt
+            ms = 1000 * dt / (step - n_last)
+            vps = (step - n_last) * args.batch_size * args.grad_accum * world / dt
             row = [step, loss_v, ms, vps, peak_memory_gb(device)]
             log_row(row)
             print0(f"step {step:>7} | loss {loss_v:.4f} | {ms:.0f} ms/step, {vps:.1f} vol/s, "
@@ -780,7 +803,8 @@ def load_denoiser(path, device="cpu", ema=True):
                           ("model_kwargs", "ema", "timesteps"), "04_diffusion.py")
     model = Denoiser(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema" if ema else "model"])
-    return model.to(device).eval().requires_grad_(False), GaussianDiffusion(ckpt["timesteps"]).to(device), ckpt
+    return (model.to(device).eval().requires_grad_(False),
+            GaussianDiffusion(ckpt["timesteps"]).to(device), ckpt)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ batch (the release skipped the formula at w = 1).
 Each sample has its own seed, so it is reproducible on its own, whatever the batch. Reruns skip
 finished samples; under torchrun, samples are shared out across GPUs.
 
-    python 05_sample.py                                        # training-set size, half augmented, DDPM-300, w = 1
+    python 05_sample.py                   # training-set size, half augmented, DDPM-300, w = 1
     python 05_sample.py --sampler ddim --steps 50 --out runs/samples_ddim      # fast: DDIM-50
-    python 05_sample.py --n-original 0                         # "unseen" masks only, as many (Table 2, ×)
+    python 05_sample.py --n-original 0    # "unseen" masks only, as many (Table 2, ×)
     python 05_sample.py --n-original 0 --n-augmented 256 --guidance 1.5 --out runs/samples_w1.5   # Table 3
 """
 import argparse
@@ -57,11 +57,12 @@ def get_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("runs/samples"))
     a = p.add_argument_group("the set's composition and condition augmentation (§3.4.1)")
     a.add_argument("--n-original", type=at_least(0), default=None,
-                   help="samples conditioned on original masks (default: half the training set's size, rounded "
-                        "up, or what --n-augmented leaves of it)")
+                   help="samples conditioned on original masks (default: half the training set's size, "
+                        "rounded up, or what --n-augmented leaves of it)")
     a.add_argument("--n-augmented", type=at_least(0), default=None,
-                   help="samples conditioned on augmented masks (default: the other half, or what --n-original "
-                        "leaves: a set is as large as the training set, §4.2, unless both are given)")
+                   help="samples conditioned on augmented masks (default: the other half, or what "
+                        "--n-original leaves: a set is as large as the training set, §4.2, unless both "
+                        "are given)")
     a.add_argument("--flip-prob", type=in_range(0, 1), default=0.5,
                    help="probability of a left-right flip (note: it moves the pancreas to the other side)")
     a.add_argument("--rotate", type=at_least(0.0, float), default=10.0, help="max in-plane rotation, degrees")
@@ -96,7 +97,8 @@ def get_args(argv=None):
 
 
 # --------------------------------------------------------------------------- augmentation
-def augment_mask(mask, rng, flip_prob=0.5, rotate=10.0, scale=(0.9, 1.1), translate=0.05, alpha=4.0, sigma=8.0):
+def augment_mask(mask, rng, flip_prob=0.5, rotate=10.0, scale=(0.9, 1.1), translate=0.05, alpha=4.0,
+                 sigma=8.0):
     """(D, H, W) label mask -> augmented mask and the parameters drawn. Flip (W axis), in-plane
     affine about the centre, smooth elastic field; nearest-neighbour throughout (labels stay labels)."""
     d, h, w = mask.shape
@@ -105,17 +107,20 @@ def augment_mask(mask, rng, flip_prob=0.5, rotate=10.0, scale=(0.9, 1.1), transl
     s = float(rng.uniform(*scale))
     shift = rng.uniform(-translate, translate, 2) * (h, w)
     out = mask[:, :, ::-1] if flip else mask
-    # output (y, x) samples input at centre + R⁻¹ (p - centre - shift) / s  (rotation + scaling + translation)
+    # output (y, x) samples input at centre + R⁻¹ (p - centre - shift) / s
+    # (rotation + scaling + translation)
     th = np.deg2rad(angle)
     rot_inv = np.array([[np.cos(th), np.sin(th)], [-np.sin(th), np.cos(th)]]) / s
     c = np.array([(h - 1) / 2, (w - 1) / 2])
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    src = np.einsum("ij,jhw->ihw", rot_inv, np.stack([yy - c[0] - shift[0], xx - c[1] - shift[1]])) + c[:, None, None]
+    src = (np.einsum("ij,jhw->ihw", rot_inv, np.stack([yy - c[0] - shift[0], xx - c[1] - shift[1]]))
+           + c[:, None, None])
     field = elastic_field(rng, (h, w), alpha, sigma)
     src = src + field
     coords = np.stack([np.broadcast_to(np.arange(d)[:, None, None], (d, h, w)),
                        np.broadcast_to(src[0], (d, h, w)), np.broadcast_to(src[1], (d, h, w))])
-    out = ndimage.map_coordinates(np.ascontiguousarray(out), coords, order=0, mode="constant", cval=0).astype(mask.dtype)
+    out = ndimage.map_coordinates(np.ascontiguousarray(out), coords, order=0, mode="constant",
+                                  cval=0).astype(mask.dtype)
     return out, {"flip": flip, "rotate_deg": round(angle, 3), "scale": round(s, 4),
                  "shift": [round(float(v), 3) for v in shift], "elastic_alpha": alpha, "elastic_sigma": sigma}
 
@@ -123,7 +128,8 @@ def augment_mask(mask, rng, flip_prob=0.5, rotate=10.0, scale=(0.9, 1.1), transl
 def elastic_field(rng, shape, alpha, sigma):
     """A smooth random in-plane displacement field (2, H, W): white noise, Gaussian-smoothed,
     scaled so its largest displacement is `alpha` voxels."""
-    f = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect") for _ in range(2)])
+    f = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
+                  for _ in range(2)])
     return f * (alpha / max(np.abs(f).max(), 1e-8))
 
 
@@ -189,15 +195,19 @@ def main(args):
     if rank == 0:
         guard_settings(args.out / "config.json", settings, args.overwrite)
         planned = {sid for sid, _, _ in plan}
-        stale = [f for f in args.out.glob("sample_*") if f.name.split(".")[0].removesuffix("_mask") not in planned]
-        if stale and args.overwrite:  # samples of an earlier, larger plan would be counted as part of this set
+        stale = [f for f in args.out.glob("sample_*")
+                 if f.name.split(".")[0].removesuffix("_mask") not in planned]
+        # samples of an earlier, larger plan would be counted as part of this set
+        if stale and args.overwrite:
             for f in stale:
                 f.unlink()
             print0(f"removed {len(stale)} files of samples outside the new plan from {args.out}")
     mine = [p for i, p in enumerate(plan) if i % world == rank]  # torchrun: shard the samples
-    done = lambda sid: all((args.out / f"{sid}{ext}").exists() for ext in (".nii.gz", "_mask.nii.gz", ".json"))
+    done = lambda sid: all((args.out / f"{sid}{ext}").exists()
+                           for ext in (".nii.gz", "_mask.nii.gz", ".json"))
     todo = [p for p in mine if args.overwrite or not done(p[0])]
-    print0(f"{len(plan)} samples in the plan ({n_original} on original masks, {n_augmented} on augmented masks), "
+    print0(f"{len(plan)} samples in the plan ({n_original} on original masks, "
+           f"{n_augmented} on augmented masks), "
            f"{len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
            f"condition '{ckpt['model_kwargs']['extractor_kwargs']['mode']}', on {device} ({prec.name})")
@@ -214,13 +224,15 @@ def main(args):
             mask = xyz_to_dhw(mask)                                                   # (D, H, W) labels
             how = None
             if augmented:
-                mask, how = augment_mask(mask, np.random.default_rng([args.seed, i, 1]), args.flip_prob, args.rotate,
-                                         tuple(args.scale), args.translate, args.elastic_alpha, args.elastic_sigma)
+                mask, how = augment_mask(mask, np.random.default_rng([args.seed, i, 1]),
+                                         args.flip_prob, args.rotate, tuple(args.scale),
+                                         args.translate, args.elastic_alpha, args.elastic_sigma)
             masks.append(mask)
             affines.append(affine)
             records.append({"id": sid, "case": case, "mask": "augmented" if augmented else "original",
                             "augmentation": how, "seed": [args.seed, i]})
-            gens.append(torch.Generator().manual_seed(int(np.random.default_rng([args.seed, i, 2]).integers(2**62))))
+            gens.append(torch.Generator().manual_seed(
+                int(np.random.default_rng([args.seed, i, 2]).integers(2**62))))
         cond = tuple(c.to(device) for c in diffusion.locality_condition(vqgan, masks, device))  # Eq. 3's c
         z = diffusion.sample_latents(ddpm, denoiser, cond, (len(batch), *latent_shape),
                               args.guidance, args.sampler, args.steps, gens, device, prec,
@@ -230,7 +242,8 @@ def main(args):
         if not torch.isfinite(vols).all():  # never write (and so never score) a volume of NaN
             raise SystemExit(f"error: sampling {batch[0][0]}... gave NaN or inf: the checkpoints or "
                              f"--precision {prec.name} are not usable; nothing of this batch was written")
-        hu = ((vols.clamp(-1, 1) + 1) / 2 * (hu_hi - hu_lo) + hu_lo)[:, 0].round().cpu().numpy().astype(np.int16)
+        hu = (((vols.clamp(-1, 1) + 1) / 2 * (hu_hi - hu_lo) + hu_lo)[:, 0]
+              .round().cpu().numpy().astype(np.int16))
         for rec, vol, mask, affine in zip(records, hu, masks, affines):
             sid = rec["id"]
             write_nifti(args.out / f"{sid}.nii.gz", dhw_to_xyz(vol), affine, np.int16)
@@ -244,12 +257,15 @@ def main(args):
         torch.distributed.barrier()  # every rank's samples are written before rank 0 indexes them
     if rank == 0:
         records = {sid: json.loads((args.out / f"{sid}.json").read_text()) for sid, _, _ in plan if done(sid)}
-        counts = {kind: sum(r["mask"] == kind for r in records.values()) for kind in ("original", "augmented")}
+        counts = {kind: sum(r["mask"] == kind for r in records.values())
+                  for kind in ("original", "augmented")}
         save_json({"composition": {"original": n_original, "augmented": n_augmented}, "written": counts,
-                   "n_train": len(names), "settings": settings, "samples": records}, args.out / "samples.json")
+                   "n_train": len(names), "settings": settings, "samples": records},
+                  args.out / "samples.json")
         shown = [p[0] for p in plan[:4] if done(p[0])] if args.previews else []
         if shown:
-            vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo) for s in shown]
+            vols = [(xyz_to_dhw(read_nifti(args.out / f"{s}.nii.gz")[0]) - hu_lo) / (hu_hi - hu_lo)
+                    for s in shown]
             ms = [xyz_to_dhw(read_nifti(args.out / f"{s}_mask.nii.gz", None)[0]) for s in shown]
             centres = [np.argwhere(m > 0).mean(0) if (m > 0).any() else None for m in ms]  # through the organ
             save_preview(args.out / "previews.png", vols, ms, shown, vrange=soft_tissue(args.prep),

@@ -71,14 +71,15 @@ def get_args(argv=None):
     p.add_argument("--real-split", choices=["all", "train", "test"], default="all",
                    help="real volumes the synthetic sets are compared with (FID, MMD, MS-SSIM)")
     p.add_argument("--fake", action="append", type=named_dir, metavar="NAME=DIR", default=None,
-                   help="a synthetic set (05's output); repeat for several methods (default: lad=runs/samples)")
+                   help="a synthetic set (05's output); repeat for several methods "
+                        "(default: lad=runs/samples)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     f = p.add_argument_group("features (HA-GAN protocol, docs/reference.md §6)")
     f.add_argument("--med3d-depth", type=int, choices=sorted(MEDICALNET_ARCH), default=50,
                    help="MedicalNet ResNet depth")
     f.add_argument("--med3d-weights", default=None,
-                   help="MedicalNet checkpoint (pretrain/resnet_50.pth, the one HA-GAN's evaluation used), or "
-                        "'auto' to download; none = random features")
+                   help="MedicalNet checkpoint (pretrain/resnet_50.pth, the one HA-GAN's "
+                        "evaluation used), or 'auto' to download; none = random features")
     f.add_argument("--batch-size", type=at_least(1), default=4, help="volumes per feature batch")
     f.add_argument("--pairs", type=at_least(1), default=400,
                    help="random pairs for the MS-SSIM diversity (§4.2)")
@@ -117,9 +118,11 @@ MEDICALNET_ARCH = {
     200: ("bottleneck", (3, 24, 36, 3), "B"),
 }
 
-# `--med3d-weights auto` fetches the copy on Hugging Face that MONAI downloads (monai/networks/nets/resnet.py);
-# Tencent's README distributes the same files only inside a zip archive (MEDICALNET_HELP).
-MEDICALNET_URL = "https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet{depth}/resolve/main/resnet_{depth}.pth"
+# `--med3d-weights auto` fetches the copy on Hugging Face that MONAI downloads
+# (monai/networks/nets/resnet.py); Tencent's README distributes the same files only inside a zip
+# archive (MEDICALNET_HELP).
+MEDICALNET_URL = ("https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet{depth}/resolve/main/"
+                  "resnet_{depth}.pth")
 MEDICALNET_HELP = """MedicalNet weights: the Tencent/MedicalNet README distributes them in one archive,
 MedicalNet_pytorch_files.zip, on Google Drive
   https://drive.google.com/file/d/13tnSvXY7oDIEloNFiGTsjUIYfS3g3BfG/view?usp=sharing
@@ -324,7 +327,8 @@ def features(model, volumes, batch_size=4):
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"features expects (N, 1, D, H, W) volumes, got {tuple(x.shape)}")
         if x.abs().max() > 1 + 1e-3:
-            raise ValueError(f"features expects volumes scaled to [-1, 1], found values up to {x.abs().max():.3g}")
+            raise ValueError(f"features expects volumes scaled to [-1, 1], found values up to "
+                             f"{x.abs().max():.3g}")
         out.append(model(x).double().cpu())
     return torch.cat(out).numpy()
 
@@ -338,9 +342,9 @@ def as_float64(x):
 
 def fid(a, b, eps=1e-6):
     """Fréchet distance between Gaussians fitted to feature sets a (N, F) and b (M, F):
-    ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), as pytorch-fid and HA-GAN compute it (float64, scipy sqrtm;
-    if the square root is not finite, eps·I is added to both covariances; a small imaginary part from
-    round-off is dropped, a large one raises)."""
+    ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), as pytorch-fid and HA-GAN compute it (float64,
+    scipy sqrtm; if the square root is not finite, eps·I is added to both covariances; a small
+    imaginary part from round-off is dropped, a large one raises)."""
     a, b = as_float64(a), as_float64(b)
     if min(len(a), len(b)) < 2:  # one sample has no covariance (NaN), and sqrtm of NaN never returns
         raise ValueError(f"fid: needs at least 2 samples per set, got {len(a)} and {len(b)}")
@@ -348,7 +352,8 @@ def fid(a, b, eps=1e-6):
         raise ValueError("fid: features hold NaN or inf")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():  # with fewer volumes than features Σ is singular; the check below decides
+    # with fewer volumes than features Σ is singular; the check below decides
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
@@ -364,9 +369,10 @@ def fid(a, b, eps=1e-6):
 
 
 def mmd(a, b):
-    """Unbiased MMD² between feature sets a (N, F) and b (M, F) with k(x, y) = exp(−α‖x − y‖²), as HA-GAN
-    computes it (batmanlab/HA-GAN evaluation/fid_score.py calls MMDStatistic(..., alphas='median') of
-    Li Sun's torch-two-sample, josipd/torch-two-sample PR #10, torch_two_sample/statistics_diff.py):
+    """Unbiased MMD² between feature sets a (N, F) and b (M, F) with k(x, y) = exp(−α‖x − y‖²),
+    as HA-GAN computes it (batmanlab/HA-GAN evaluation/fid_score.py calls
+    MMDStatistic(..., alphas='median') of Li Sun's torch-two-sample, josipd/torch-two-sample
+    PR #10, torch_two_sample/statistics_diff.py):
 
       α = 1 / median², the median taken over the whole (N+M)² matrix of pooled pairwise distances —
           zero diagonal and both triangles included — and, as torch.median, the lower of the two middle
@@ -425,7 +431,8 @@ def diversity(vols, pairs, rng, batch=8):
     if n < 2:
         return None
     every = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    chosen = every if len(every) <= pairs else [every[k] for k in rng.choice(len(every), pairs, replace=False)]
+    chosen = (every if len(every) <= pairs
+              else [every[k] for k in rng.choice(len(every), pairs, replace=False)])
     total = 0.0
     for s in bar(range(0, len(chosen), batch), desc="MS-SSIM pairs"):
         i, j = map(list, zip(*chosen[s:s + batch]))
@@ -462,7 +469,8 @@ def load_set(pairs, hu, shape=None):
             arr = read_nifti(img, None)[0]
             vol = xyz_to_dhw(volume_to_unit(np.asarray(arr), hu, img))
             if shape is not None and vol.shape != tuple(shape):
-                raise ValueError(f"{img}: shape {vol.shape} (D, H, W), expected {tuple(shape)} like the real set")
+                raise ValueError(f"{img}: shape {vol.shape} (D, H, W), expected {tuple(shape)} "
+                                 f"like the real set")
             check_volume(vol, img)
             m = None
             if msk is not None and msk.exists():
@@ -472,7 +480,9 @@ def load_set(pairs, hu, shape=None):
         except ValueError as e:
             print(f"skipped: {e}")
             continue
-        names.append(img.name.removesuffix(".nii.gz")), vols.append(vol), masks.append(m)
+        names.append(img.name.removesuffix(".nii.gz"))
+        vols.append(vol)
+        masks.append(m)
     return names, (np.stack(vols) if vols else np.zeros((0, *(shape or (0, 0, 0))), np.float32)), masks
 
 
@@ -569,7 +579,8 @@ def fit_ellipse(xy):
     xy = np.asarray(xy, np.float64)
     if len(xy) < 5:
         return None
-    mu, sc = xy.mean(0), xy.std(0).max() or 1.0
+    mu = xy.mean(0)
+    sc = xy.std(0).max() or 1.0
     x, y = ((xy - mu) / sc).T  # normalised for conditioning
     d1 = np.stack([x * x, x * y, y * y], 1)
     d2 = np.stack([x, y, np.ones_like(x)], 1)
@@ -615,10 +626,12 @@ def plot_mds(path, embed, groups, title):
         if fit is not None:
             (cx, cy), (ra, rb), ang = fit
             ex, ey = ra * np.cos(s), rb * np.sin(s)
-            ax.plot(cx + ex * np.cos(ang) - ey * np.sin(ang), cy + ex * np.sin(ang) + ey * np.cos(ang), color=colour, lw=1.5)
+            ax.plot(cx + ex * np.cos(ang) - ey * np.sin(ang),
+                    cy + ex * np.sin(ang) + ey * np.cos(ang), color=colour, lw=1.5)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_yticks([])
     save_figure(fig, path, dpi=110)
 
 
@@ -629,8 +642,9 @@ class SegNet2D(nn.Module):
 
     def __init__(self, width=16, classes=3):
         super().__init__()
-        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(inplace=True),
-                                           nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(inplace=True))
+        block = lambda i, o: nn.Sequential(
+            nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(inplace=True),
+            nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(4, o), nn.ReLU(inplace=True))
         w = width
         self.enc = nn.ModuleList([block(1, w), block(w, 2 * w), block(2 * w, 4 * w)])
         self.dec = nn.ModuleList([block(6 * w, 2 * w), block(3 * w, w)])
@@ -663,7 +677,8 @@ def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
     pos = torch.nonzero(y.flatten(1).amax(1) > 0).flatten()                               # slices with organ
     half = batch // 2 if len(pos) else 0
     net = SegNet2D(width).to(device)
-    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4, fused=torch.device(device).type == "cuda")
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4,
+                            fused=torch.device(device).type == "cuda")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=max(steps, 1), pct_start=0.1)
     t0 = time.perf_counter()
     for step in bar(range(1, steps + 1), desc="fidelity probe"):
@@ -672,13 +687,15 @@ def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
             idx[:half] = pos[torch.randint(0, len(pos), (half,), generator=g, device=device)]
         xb, yb = x[idx], y[idx]
         if shift > 0:
-            dy, dx = (int(torch.randint(-m, m + 1, (), generator=g_cpu)) for m in (int(shift * n) for n in x.shape[-2:]))
+            dy, dx = (int(torch.randint(-m, m + 1, (), generator=g_cpu))
+                      for m in (int(shift * n) for n in x.shape[-2:]))
             flip = bool(torch.rand((), generator=g_cpu) < 0.5)
             xb, yb = xb.roll((dy, dx), (-2, -1)), yb.roll((dy, dx), (-2, -1))
             xb, yb = (xb.flip(-1), yb.flip(-1)) if flip else (xb, yb)
         logits = net(xb)
         prob = logits.softmax(1)
-        fg, ref = prob[:, 1:].sum(1), (yb > 0).float()
+        fg = prob[:, 1:].sum(1)
+        ref = (yb > 0).float()
         soft_dice = 1 - (2 * (fg * ref).sum() + 1) / (fg.sum() + ref.sum() + 1)
         loss = F.cross_entropy(logits, yb) + soft_dice
         opt.zero_grad(set_to_none=True)
@@ -696,7 +713,8 @@ def segment(net, vols, device, batch=64):
     out = []
     for v in vols:
         s = torch.from_numpy(np.ascontiguousarray(v))[:, None]
-        out.append(torch.cat([net(s[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(s), batch)]))
+        out.append(torch.cat([net(s[i:i + batch].to(device)).argmax(1).cpu()
+                              for i in range(0, len(s), batch)]))
     return torch.stack(out).numpy().astype(np.uint8)
 
 
@@ -711,7 +729,8 @@ def fidelity(train_vols, train_masks, test_vols, test_masks, args, device):
     tumour = [dice(p == 2, m == 2) for p, m in zip(pred, test_masks) if (m == 2).any()]
     return {"dice_organ": float(np.mean(organ)) if organ else None,
             "dice_tumour": float(np.mean(tumour)) if tumour else None,
-            "n_train_volumes": len(train_vols), "n_test_volumes": len(test_vols), "n_test_with_tumour": len(tumour)}
+            "n_train_volumes": len(train_vols), "n_test_volumes": len(test_vols),
+            "n_test_with_tumour": len(tumour)}
 
 
 # --------------------------------------------------------------------------- organ contrast
@@ -725,7 +744,8 @@ def organ_contrast(vols, masks, shell=2):
         if m is None or not (m > 0).any():
             continue
         organ = m > 0
-        ring = ndimage.binary_dilation(organ, ndimage.generate_binary_structure(3, 1), iterations=shell) & ~organ
+        ring = ndimage.binary_dilation(
+            organ, ndimage.generate_binary_structure(3, 1), iterations=shell) & ~organ
         out[i] = v[organ].mean() - v[ring].mean()
     return out
 
@@ -746,14 +766,18 @@ def fmt(v, digits=4):
 
 
 def write_table(path, results, note):
-    head = ("| Method | N | FID ↓ | MMD ↓ | FID (local) ↓ | MMD (local) ↓ | MS-SSIM | Dice organ ↑ | Dice tumour ↑ "
-            "| organ contrast HU (shuffled masks) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| Method | N | FID ↓ | MMD ↓ | FID (local) ↓ | MMD (local) ↓ | MS-SSIM "
+            "| Dice organ ↑ | Dice tumour ↑ | organ contrast HU (shuffled masks) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for name, r in results.items():
-        fd, oc = r.get("fidelity") or {}, r.get("contrast") or {}
-        con = "–" if oc.get("own_hu") is None else f"{oc['own_hu']:.0f} ({fmt(oc.get('shuffled_hu'), 0)})"
-        rows.append(f"| {name} | {r['n']} | {fmt(r.get('fid'))} | {fmt(r.get('mmd'))} | {fmt(r.get('fid_local'))} | "
-                    f"{fmt(r.get('mmd_local'))} | {fmt(r.get('ms_ssim'))} | {fmt(fd.get('dice_organ'), 3)} | "
+        fd = r.get("fidelity") or {}
+        oc = r.get("contrast") or {}
+        con = ("–" if oc.get("own_hu") is None
+               else f"{oc['own_hu']:.0f} ({fmt(oc.get('shuffled_hu'), 0)})")
+        rows.append(f"| {name} | {r['n']} | {fmt(r.get('fid'))} | {fmt(r.get('mmd'))} | "
+                    f"{fmt(r.get('fid_local'))} | {fmt(r.get('mmd_local'))} | "
+                    f"{fmt(r.get('ms_ssim'))} | {fmt(fd.get('dice_organ'), 3)} | "
                     f"{fmt(fd.get('dice_tumour'), 3)} | {con} |")
     text = f"{note}\n\n{head}" + "\n".join(rows) + "\n"
     with atomic_path(path) as tmp:
@@ -773,15 +797,19 @@ def main(args):
         if not folder.is_dir():
             raise SystemExit(f"error: --fake {name}={folder}: no such folder (run 05_sample.py first)")
     prepare_out(args.out, [args.real, *args.fake.values()])
-    real_names = {"all": split["train"] + split["test"], "train": split["train"], "test": split["test"]}[args.real_split]
+    real_names = {"all": split["train"] + split["test"], "train": split["train"],
+                  "test": split["test"]}[args.real_split]
     real_pairs_ = real_pairs(args.real, real_names)
     names, real, real_masks = load_set(real_pairs_, hu)
     if len(real) < 2:
-        raise SystemExit(f"error: {args.real}: fewer than 2 readable real volumes in split '{args.real_split}'")
+        raise SystemExit(f"error: {args.real}: fewer than 2 readable real volumes in split "
+                         f"'{args.real_split}'")
     shape = real.shape[1:]
-    train_masks = [xyz_to_dhw(read_nifti(m, None)[0]) for _, m in real_pairs(args.real, split["train"]) if m.exists()]
+    train_masks = [xyz_to_dhw(read_nifti(m, None)[0])
+                   for _, m in real_pairs(args.real, split["train"]) if m.exists()]
     box = organ_box(train_masks)
-    print(f"real: {len(real)} volumes {tuple(shape)} ({args.real_split}); synthetic sets: {', '.join(args.fake)}; "
+    print(f"real: {len(real)} volumes {tuple(shape)} ({args.real_split}); "
+          f"synthetic sets: {', '.join(args.fake)}; "
           f"organ box {box} (over {len(train_masks)} training masks)")
 
     model, note = load_medicalnet(args.med3d_depth, args.med3d_weights, device)
@@ -841,7 +869,8 @@ def main(args):
         r = {"n": len(vols), "folder": str(args.real if name == "real" else args.fake[name])}
         if name != "real":
             r["composition"] = set_composition(args.fake[name])
-            r["fid"], r["mmd"] = fid(feats["real"], feats[name]), mmd(feats["real"], feats[name])
+            r["fid"] = fid(feats["real"], feats[name])
+            r["mmd"] = mmd(feats["real"], feats[name])
             if box is not None:
                 r["fid_local"] = fid(feats_local["real"], feats_local[name])
                 r["mmd_local"] = mmd(feats_local["real"], feats_local[name])
@@ -849,18 +878,21 @@ def main(args):
         r["ms_ssim"] = diversity(vols, args.pairs, np.random.default_rng(args.seed))
         if any(m is not None for m in masks):
             r["contrast"] = contrast_summary(vols, masks, hu)
-            print(f"organ contrast, {name}: {fmt(r['contrast']['own_hu'], 1)} HU inside its masks vs the shell around "
+            print(f"organ contrast, {name}: {fmt(r['contrast']['own_hu'], 1)} HU inside its masks "
+                  f"vs the shell around "
                   f"(another volume's mask: {fmt(r['contrast']['shuffled_hu'], 1)} HU)")
         seconds["metrics"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if test_masks:  # mask fidelity: train on this set, test on the real test split
-            train_vols, train_masks_ = usable(*real_split_set(split["train"])) if name == "real" else usable(vols, masks)
+            train_vols, train_masks_ = (usable(*real_split_set(split["train"])) if name == "real"
+                                        else usable(vols, masks))
             if not train_masks_:
-                print(f"mask fidelity for {name}: no condition masks (<id>_mask.nii.gz) beside the volumes, skipped")
+                print(f"mask fidelity for {name}: no condition masks (<id>_mask.nii.gz) "
+                      f"beside the volumes, skipped")
             else:
-                r["fidelity"] = fidelity(np.stack(train_vols), train_masks_, np.stack(test_vols), test_masks, args,
-                                         device)
+                r["fidelity"] = fidelity(np.stack(train_vols), train_masks_, np.stack(test_vols),
+                                         test_masks, args, device)
                 fd = r["fidelity"]
                 print(f"mask fidelity, trained on {name} ({len(train_vols)} volumes): "
                       f"organ Dice {fmt(fd['dice_organ'], 3)}"
@@ -875,14 +907,15 @@ def main(args):
         groups[name] = np.arange(offset, offset + len(f))
         offset += len(f)
     embed = classical_mds(np.concatenate(list(feats.values())))
-    title = f"MDS of MedicalNet ResNet-{args.med3d_depth} features" + (f"\n({RANDOM_NOTE})" if random_features else "")
+    title = (f"MDS of MedicalNet ResNet-{args.med3d_depth} features"
+             + (f"\n({RANDOM_NOTE})" if random_features else ""))
     plot_mds(args.out / "mds.png", embed, groups, title)
     meta = {"features": {"network": f"MedicalNet ResNet-{args.med3d_depth}",
                          "weights": "random" if random_features else str(args.med3d_weights), "note": note},
             "real_split": args.real_split, "organ_box": box,
             "organ_box_from": f"{len(train_masks)} masks of the training split", "pairs": args.pairs,
-            "fidelity": {"steps": args.fidelity_steps, "batch": args.fidelity_batch, "width": args.fidelity_width,
-                         "test": "real test split"},
+            "fidelity": {"steps": args.fidelity_steps, "batch": args.fidelity_batch,
+                         "width": args.fidelity_width, "test": "real test split"},
             "seconds": seconds}
     save_json({"settings": meta, "results": results}, args.out / "metrics.json")
     table = write_table(args.out / "table.md", results, f"Features: {note}.")

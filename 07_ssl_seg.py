@@ -4,8 +4,9 @@ Reads  --prep (default data/prep): images/ ([0, 1]), labels/ (1 liver, 2 kidney,
        5 tumour), split.json, config.json (01's HU window); each --synthetic NAME=DIR (default
        lad=runs/samples): 05's <id>.nii.gz (int16 HU; the <id>_mask.nii.gz condition masks are not used).
 Writes --out (default runs/ssl):
-    results.json      every run (training set × seed): per-organ Dice of each query volume, timings; and the
-                      mean ± std over seeds per training set. A finished run is not redone (unless --overwrite)
+    results.json      every run (training set × seed): per-organ Dice of each query volume, timings;
+                      and the mean ± std over seeds per training set. A finished run is not redone
+                      (unless --overwrite)
     table.md          Fig. 6 as a table: Dice per organ and the mean, mean ± std over the runs
     dice.png          Fig. 6: bars per organ, one per training set, error bars = std over the runs
     episodes.png      a few training episodes (support / query, pseudo-label outlined) to check by eye
@@ -33,7 +34,7 @@ The training sets follow §4.3 (--train): real (the training split), synthetic (
 set alone) and mixed (§4.3.2: the real set plus synthetic volumes of about 20% of its size); --runs 5
 seeds each.
 
-    python 07_ssl_seg.py                                           # real, synthetic-lad, mixed-lad; 5 runs each
+    python 07_ssl_seg.py   # real, synthetic-lad, mixed-lad; 5 runs each
     python 07_ssl_seg.py --synthetic lad=runs/samples --synthetic v0=runs/samples_v0   # Fig. 6: Lad vs V0
     python 07_ssl_seg.py --backbone-weights resnet101-63fe2227.pth # a torchvision ResNet-101 to start from
     python 07_ssl_seg.py --prep data/demo/prep --synthetic lad=runs/demo/samples --out runs/demo/ssl \\
@@ -66,7 +67,8 @@ vqgan = load_stage("03_vqgan")      # gaussian_smooth
 evaluation = load_stage("06_eval")
 
 DEEPLAB_URL = "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"
-RANDOM_NOTE = "backbone randomly initialised (the reference starts from COCO weights): not comparable to the paper"
+RANDOM_NOTE = ("backbone randomly initialised (the reference starts from COCO weights): "
+               "not comparable to the paper")
 
 
 def get_args(argv=None):
@@ -78,29 +80,35 @@ def get_args(argv=None):
                         "(default: lad=runs/samples)")
     p.add_argument("--out", type=Path, default=Path("runs/ssl"),
                    help="results, table, figure, caches, checkpoints")
-    p.add_argument("--train", nargs="+", choices=["real", "synthetic", "mixed"], default=["real", "synthetic", "mixed"],
-                   help="training sets (§4.3): the real training split; each synthetic set alone (§4.3.1); the real "
-                        "set plus synthetic volumes (§4.3.2)")
+    p.add_argument("--train", nargs="+", choices=["real", "synthetic", "mixed"],
+                   default=["real", "synthetic", "mixed"],
+                   help="training sets (§4.3): the real training split; each synthetic set alone (§4.3.1); "
+                        "the real set plus synthetic volumes (§4.3.2)")
     p.add_argument("--mix-fraction", type=at_least(0.0, float), default=0.2,
-                   help="synthetic volumes added in 'mixed', as a fraction of the real set (§4.3.2: about 20%%)")
+                   help="synthetic volumes added in 'mixed', as a fraction of the real set "
+                        "(§4.3.2: about 20%%)")
     p.add_argument("--runs", type=at_least(1), default=5,
                    help="runs per training set, seeds 0..runs-1 (§4.3: 5 runs)")
     p.add_argument("--organs", nargs="+", default=["liver=1", "kidney=2", "spleen=3", "pancreas=4,5"],
                    help="NAME=IDS test classes (Fig. 6); pancreas includes its tumour (01's label 5)")
     p.add_argument("--support-case", default=None,
-                   help="the labelled 1-shot support volume (default: the first test case; the reference uses a "
-                        "scan held out of training, validation.py); the other test cases are the queries")
+                   help="the labelled 1-shot support volume (default: the first test case; "
+                        "the reference uses a scan held out of training, validation.py); "
+                        "the other test cases are the queries")
     m = p.add_argument_group("network (models/backbone/torchvision_backbones.py)")
     m.add_argument("--backbone", choices=sorted(RESNETS), default="resnet101",
-                   help="ResNet, output stride 8 (reference: deeplabv3_resnet101's backbone); resnet18 for the CPU")
+                   help="ResNet, output stride 8 (reference: deeplabv3_resnet101's backbone); "
+                        "resnet18 for the CPU")
     m.add_argument("--backbone-weights", default=None,
-                   help="torchvision-layout ResNet or DeepLabV3 state dict (heads dropped, the rest strict); 'auto' "
-                        "downloads the COCO DeepLabV3-ResNet-101 the reference starts from; none = random init")
+                   help="torchvision-layout ResNet or DeepLabV3 state dict (heads dropped, the rest "
+                        "strict); 'auto' downloads the COCO DeepLabV3-ResNet-101 the reference starts "
+                        "from; none = random init")
     m.add_argument("--channels", type=at_least(1), default=256,
                    help="feature channels after the 1×1 conv (reference: 256)")
     s = p.add_argument_group("superpixel pseudo-labels (data/pseudolabel_gen.ipynb)")
     s.add_argument("--window", type=float, nargs=2, default=(-125.0, 275.0),
-                   help="HU window of the network input and the superpixels (data/SABS/intensity_normalization.ipynb)")
+                   help="HU window of the network input and the superpixels "
+                        "(data/SABS/intensity_normalization.ipynb)")
     s.add_argument("--sp-min-size", type=at_least(1), default=400,
                    help="Felzenszwalb min_size, pixels (reference 400 at 256²)")
     s.add_argument("--sp-sigma", type=at_least(0.0, float), default=1.0,
@@ -108,7 +116,8 @@ def get_args(argv=None):
     s.add_argument("--sp-scale", type=positive, default=1.0,
                    help="Felzenszwalb scale (reference: the default, 1)")
     s.add_argument("--workers", type=at_least(1), default=1, help="processes computing superpixels")
-    a = p.add_argument_group("episode augmentation (dataloaders/augutils.py sabs_aug), pixels at the data's size")
+    a = p.add_argument_group("episode augmentation (dataloaders/augutils.py sabs_aug), "
+                             "pixels at the data's size")
     a.add_argument("--rotate", type=at_least(0.0, float), default=5.0, help="max rotation, degrees")
     a.add_argument("--shift", type=at_least(0.0, float), default=5.0,
                    help="max shift, pixels (reference at 256²: 5)")
@@ -121,7 +130,8 @@ def get_args(argv=None):
                    help="gamma range of the intensity transform")
     q = p.add_argument_group("prototypes and loss (models/alpmodule.py, util/utils.py)")
     q.add_argument("--pool-train", type=at_least(1), default=4,
-                   help="local pooling window L in training, feature pixels (reference: 32 / proto_grid_size 8 = 4)")
+                   help="local pooling window L in training, feature pixels "
+                        "(reference: 32 / proto_grid_size 8 = 4)")
     q.add_argument("--pool-test", type=at_least(1), default=2,
                    help="local pooling window at test (reference val_wsize 2)")
     q.add_argument("--proto-thresh", type=in_range(0, 1), default=0.95,
@@ -146,7 +156,8 @@ def get_args(argv=None):
                    help="support chunks along z (reference n_sup_part 3)")
     e.add_argument("--eval-batch", type=at_least(1), default=32, help="query slices per forward pass")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast of the network (auto: bf16 on CUDA, fp32 on the CPU); prototypes are always fp32")
+                   help="autocast of the network (auto: bf16 on CUDA, fp32 on the CPU); "
+                        "prototypes are always fp32")
     p.add_argument("--device", default="auto", help="auto: the first GPU if there is one, else the CPU")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs and accept changed settings")
     args = p.parse_args(argv)
@@ -154,7 +165,8 @@ def get_args(argv=None):
         check_order(p, args, flag, strict=flag == "--window")
     args.synthetic = dict(args.synthetic or [named_dir("lad=runs/samples")])
     try:
-        args.organs = {o.split("=", 1)[0]: [int(i) for i in o.split("=", 1)[1].split(",")] for o in args.organs}
+        args.organs = {o.split("=", 1)[0]: [int(i) for i in o.split("=", 1)[1].split(",")]
+                       for o in args.organs}
     except (IndexError, ValueError):
         p.error("argument --organs: must be NAME=ID[,ID]")
     # the training sets, in Fig. 6's order: real, each synthetic set alone, each mixed with the real set
@@ -166,17 +178,19 @@ def get_args(argv=None):
     return args
 
 
-# --------------------------------------------------------------------------- backbone: ResNet, output stride 8
-# torchvision's layout and key names (conv1, bn1, layer1..4, downsample.0/1), so its ImageNet ResNets and the
-# DeepLabV3 backbone the reference uses load strictly. Layers 3 and 4 trade their stride for dilation
-# (replace_stride_with_dilation=[False, True, True], as torchvision's deeplabv3_resnet101): a 256² slice gives
-# 32² features. The blocks of a dilated layer follow torchvision: the first keeps the previous dilation.
+# ---------------------------------------------------------------- backbone: ResNet, output stride 8
+# torchvision's layout and key names (conv1, bn1, layer1..4, downsample.0/1), so its ImageNet ResNets
+# and the DeepLabV3 backbone the reference uses load strictly. Layers 3 and 4 trade their stride for
+# dilation (replace_stride_with_dilation=[False, True, True], as torchvision's deeplabv3_resnet101): a
+# 256² slice gives 32² features. The blocks of a dilated layer follow torchvision: the first keeps the
+# previous dilation.
 RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
 
 
-# The residual blocks are 06's MedicalNet blocks in 2-D (dims=2): the same layers and key names as torchvision's.
-# torchvision refuses dilation in BasicBlock; these allow it, so resnet18/34 give output stride 8 too (CPU runs).
+# The residual blocks are 06's MedicalNet blocks in 2-D (dims=2): the same layers and key names as
+# torchvision's. torchvision refuses dilation in BasicBlock; these allow it, so resnet18/34 give output
+# stride 8 too (CPU runs).
 
 
 class ResNet(nn.Module):
@@ -193,14 +207,17 @@ class ResNet(nn.Module):
         self.layer1 = evaluation.resnet_layer(block, 64, 64, blocks[0], dims=2)
         self.layer2 = evaluation.resnet_layer(block, 64 * e, 128, blocks[1], stride=2, dims=2)
         # stride traded for dilation: the first block keeps the previous layer's dilation
-        self.layer3 = evaluation.resnet_layer(block, 128 * e, 256, blocks[2], dilation=2, first_dilation=1, dims=2)
-        self.layer4 = evaluation.resnet_layer(block, 256 * e, 512, blocks[3], dilation=4, first_dilation=2, dims=2)
+        self.layer3 = evaluation.resnet_layer(block, 128 * e, 256, blocks[2],
+                                              dilation=2, first_dilation=1, dims=2)
+        self.layer4 = evaluation.resnet_layer(block, 256 * e, 512, blocks[3],
+                                              dilation=4, first_dilation=2, dims=2)
         self.out_channels = 512 * e
         for mod in self.modules():  # torchvision's initialisation
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(mod, nn.BatchNorm2d):
-                nn.init.ones_(mod.weight), nn.init.zeros_(mod.bias)
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -232,15 +249,18 @@ def load_backbone_weights(backbone, path):
         raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):  # DeepLabV3: the backbone's keys carry a prefix
-        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if not k.startswith(("classifier.", "aux_classifier."))}
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items()
+              if not k.startswith(("classifier.", "aux_classifier."))}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     own = backbone.state_dict()
     missing = sorted(k for k in own.keys() - sd.keys() if not k.endswith("num_batches_tracked"))
     unexpected = sorted(sd.keys() - own.keys())
     wrong = sorted(k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit this {type(backbone).__name__}: {len(missing)} missing {missing[:4]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:4]}, {len(wrong)} of other shape {wrong[:4]}")
+        raise ValueError(f"{path} does not fit this {type(backbone).__name__}: "
+                         f"{len(missing)} missing {missing[:4]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:4]}, "
+                         f"{len(wrong)} of other shape {wrong[:4]}")
     backbone.load_state_dict(sd, strict=False)  # strict up to num_batches_tracked, checked above
 
 
@@ -254,12 +274,12 @@ def resolve_weights(arg):
         try:
             torch.hub.download_url_to_file(DEEPLAB_URL, str(path))
         except Exception as e:  # no network, proxy: say what to do instead
-            raise SystemExit(f"error: cannot download {DEEPLAB_URL} ({type(e).__name__}: {e}); fetch it elsewhere "
-                             f"and pass --backbone-weights PATH") from e
+            raise SystemExit(f"error: cannot download {DEEPLAB_URL} ({type(e).__name__}: {e}); "
+                             "fetch it elsewhere and pass --backbone-weights PATH") from e
     return path
 
 
-# --------------------------------------------------------------------------- ALPNet: adaptive local prototype pooling
+# ---------------------------------------------------------- ALPNet: adaptive local prototype pooling
 def safe_norm(x, dim=1, eps=1e-4):
     """x / max(‖x‖, eps) along `dim` (models/alpmodule.py safe_norm)."""
     return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
@@ -284,7 +304,8 @@ def alp_score(qry, sup, mask, window, thresh=0.95, with_global=False, gate_windo
     if gate_window is not None:
         valid = valid & (F.avg_pool2d(mask, gate_window).amax() >= thresh)
     if with_global:
-        glob = (sup * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-5)                # (S, C) masked average pooling
+        # (S, C) masked average pooling
+        glob = (sup * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-5)
         protos, valid = torch.cat([protos, glob]), torch.cat([valid, valid.new_ones(len(glob))])
     sim = 20 * torch.einsum("qchw,pc->qphw", safe_norm(qry), safe_norm(protos))     # (Q, P, h, w)
     keep = valid[None, :, None, None]
@@ -300,14 +321,16 @@ def alp_logits(qry, sup, fg, window, thresh, gate_window):
 
 
 def episode_loss(feats, sup_fg, qry_fg, args, ce_weight):
-    """One episode's losses. feats (2, C, h, w) = support, query; sup_fg, qry_fg (1, 1, H, W) 0/1 pseudo-labels.
-    Query loss: weighted CE of the upsampled scores. Alignment (PANet): the query's own prediction (argmax at
-    feature resolution) as the support must segment the support image (plain CE; models/grid_proto_fewshot.py)."""
+    """One episode's losses. feats (2, C, h, w) = support, query; sup_fg, qry_fg (1, 1, H, W) 0/1
+    pseudo-labels. Query loss: weighted CE of the upsampled scores. Alignment (PANet): the query's own
+    prediction (argmax at feature resolution) as the support must segment the support image (plain CE;
+    models/grid_proto_fewshot.py)."""
     size, fsize = sup_fg.shape[-2:], feats.shape[-2:]
     fs, fq = feats[:1], feats[1:]
-    scores = alp_logits(fq, fs, F.interpolate(sup_fg, fsize, mode="bilinear"), args.pool_train, args.proto_thresh,
-                        args.pool_train)
-    loss_q = F.cross_entropy(F.interpolate(scores, size, mode="bilinear"), qry_fg[:, 0].long(), weight=ce_weight)
+    scores = alp_logits(fq, fs, F.interpolate(sup_fg, fsize, mode="bilinear"),
+                        args.pool_train, args.proto_thresh, args.pool_train)
+    loss_q = F.cross_entropy(F.interpolate(scores, size, mode="bilinear"), qry_fg[:, 0].long(),
+                             weight=ce_weight)
     pred = scores.argmax(1, keepdim=True).float()                                    # (1, 1, h, w)
     back = alp_logits(fs, fq, pred, args.pool_train, args.proto_thresh, args.pool_train)
     loss_a = F.cross_entropy(F.interpolate(back, size, mode="bilinear"), sup_fg[:, 0].long())
@@ -322,7 +345,8 @@ def to_window(vol, hu, window):
 
 
 def body_mask(slice255, thresh=1e-4):
-    """The patient: above `thresh`, largest connected component, holes filled (pseudolabel_gen.ipynb fg_mask2d)."""
+    """The patient: above `thresh`, largest connected component, holes filled (pseudolabel_gen.ipynb
+    fg_mask2d)."""
     fg = slice255 > thresh
     lab, n = ndimage.label(fg)
     if n == 0:
@@ -373,7 +397,8 @@ def load_volume(job):
 
 
 def load_sources(jobs, workers):
-    """{(source, name): job} -> {(source, name): (vol, superpixels)}; unreadable volumes reported and skipped."""
+    """{(source, name): job} -> {(source, name): (vol, superpixels)}; unreadable volumes reported and
+    skipped."""
     out, cached, bad = {}, 0, 0
     keys = list(jobs)
     if workers <= 1:
@@ -389,7 +414,8 @@ def load_sources(jobs, workers):
             continue
         out[k] = r[:2]
         cached += r[2]
-    print(f"superpixels: {len(out)} volumes ({cached} from the cache, {len(out) - cached} computed), {bad} skipped")
+    print(f"superpixels: {len(out)} volumes ({cached} from the cache, {len(out) - cached} computed), "
+          f"{bad} skipped")
     return out
 
 
@@ -410,17 +436,19 @@ def load_labelled(prep, case, hu, window):
     return case, vol, xyz_to_dhw(lab).astype(np.int64)
 
 
-# --------------------------------------------------------------------------- episodes: sampling and augmentation, on the device
+# ------------------------------------------------ episodes: sampling and augmentation, on the device
 def inv2x2(a):
     """Inverse of (N, 2, 2) matrices in closed form (torch.linalg.inv checks for errors with a host sync)."""
     det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-    return torch.stack([torch.stack([a[:, 1, 1], -a[:, 0, 1]], -1), torch.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], 1) / det[:, None, None]
+    return torch.stack([torch.stack([a[:, 1, 1], -a[:, 0, 1]], -1),
+                        torch.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], 1) / det[:, None, None]
 
 
 def sampling_grid(h, w, a_inv, t, disp):
-    """grid_sample grid (N, H, W, 2) of the warp out(p) = in(c + A⁻¹ (p + d(p) − c − t)): an affine map about
-    the centre c (linear part A, shift t, both in (x, y) pixels) followed by the elastic displacement d
-    (N, 2, H, W), in one resampling. align_corners=False: pixel i has normalised coordinate (2i + 1)/size − 1."""
+    """grid_sample grid (N, H, W, 2) of the warp out(p) = in(c + A⁻¹ (p + d(p) − c − t)): an affine map
+    about the centre c (linear part A, shift t, both in (x, y) pixels) followed by the elastic
+    displacement d (N, 2, H, W), in one resampling. align_corners=False: pixel i has normalised
+    coordinate (2i + 1)/size − 1."""
     ys, xs = torch.meshgrid(torch.arange(h, device=t.device), torch.arange(w, device=t.device), indexing="ij")
     cx, cy = (w - 1) / 2, (h - 1) / 2                     # Python numbers: no host-to-device copy per step
     qx = xs + disp[:, 0] - cx - t[:, 0, None, None]       # (N, H, W)
@@ -431,18 +459,22 @@ def sampling_grid(h, w, a_inv, t, disp):
 
 
 def augment(x, m, gen, args):
-    """Independent random augmentations of each of N slices: x (N, 1, H, W) z-scored images, m (N, 1, H, W)
-    0/1 masks -> the same, warped. As sabs_aug: rotation, shift, shear, isotropic scaling, elastic field
-    (α × Gaussian-smoothed uniform noise), then gamma on the image. Images are resampled bilinearly with zero
-    padding (the dataset mean, as cv2's constant border on the normalised image); masks bilinearly, > 0.5.
-    We apply rotation, shear and scaling about the centre; the reference shears about the corner."""
+    """Independent random augmentations of each of N slices: x (N, 1, H, W) z-scored images,
+    m (N, 1, H, W) 0/1 masks -> the same, warped. As sabs_aug: rotation, shift, shear, isotropic scaling,
+    elastic field (α × Gaussian-smoothed uniform noise), then gamma on the image. Images are resampled
+    bilinearly with zero padding (the dataset mean, as cv2's constant border on the normalised image);
+    masks bilinearly, > 0.5. We apply rotation, shear and scaling about the centre; the reference shears
+    about the corner."""
     n, _, h, w = x.shape
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, device=x.device)
-    th, ph, s = torch.deg2rad(u(-args.rotate, args.rotate)), torch.deg2rad(u(-args.shear, args.shear)), u(*args.scale)
+    th = torch.deg2rad(u(-args.rotate, args.rotate))
+    ph = torch.deg2rad(u(-args.shear, args.shear))
+    s = u(*args.scale)
     t = torch.stack([u(-args.shift, args.shift), u(-args.shift, args.shift)], 1)
     rot = torch.stack([torch.stack([th.cos(), -th.sin()], -1), torch.stack([th.sin(), th.cos()], -1)], 1)
-    shear = torch.stack([torch.stack([torch.ones_like(ph), -ph.sin()], -1), torch.stack([torch.zeros_like(ph), ph.cos()], -1)], 1)
-    a = s[:, None, None] * shear @ rot                    # the reference composes zoom · shear · (shift) · rotation
+    shear = torch.stack([torch.stack([torch.ones_like(ph), -ph.sin()], -1),
+                         torch.stack([torch.zeros_like(ph), ph.cos()], -1)], 1)
+    a = s[:, None, None] * shear @ rot  # the reference composes zoom · shear · (shift) · rotation
     disp = torch.zeros(n, 2, h, w, device=x.device)
     if args.elastic_alpha > 0 and args.elastic_sigma > 0:
         noise = torch.rand(n, 2, h, w, generator=gen, device=x.device) * 2 - 1
@@ -472,12 +504,13 @@ def sample_episode(data, gen, args, tries=4):
     imgs, sps, nsp = data
     dev = imgs.device
     i = (torch.rand(tries, generator=gen, device=dev) * len(imgs)).long().clamp_max(len(imgs) - 1)
-    k = (torch.rand(tries, generator=gen, device=dev) * nsp.index_select(0, i)).long() + 1   # uniform over 1..n_i
-    fg = (sps.index_select(0, i).long() == k[:, None, None]).float()                         # (T, H, W)
-    x, m = augment(imgs.index_select(0, i)[:, None].repeat_interleave(2, 0), fg[:, None].repeat_interleave(2, 0),
-                   gen, args)                                                                # (2T, 1, H, W): support, query
-    ok = m.flatten(1).amax(1).view(tries, 2).amin(1)                                         # (T,) 1 if both keep some
-    j = torch.argmax(ok)                                                                     # the first such candidate
+    # uniform over 1..n_i
+    k = (torch.rand(tries, generator=gen, device=dev) * nsp.index_select(0, i)).long() + 1
+    fg = (sps.index_select(0, i).long() == k[:, None, None]).float()    # (T, H, W)
+    x, m = augment(imgs.index_select(0, i)[:, None].repeat_interleave(2, 0),
+                   fg[:, None].repeat_interleave(2, 0), gen, args)      # (2T, 1, H, W): support, query
+    ok = m.flatten(1).amax(1).view(tries, 2).amin(1)                    # (T,) 1 if both keep some
+    j = torch.argmax(ok)                                                # the first such candidate
     pick = torch.stack([2 * j, 2 * j + 1])
     x, m = x.index_select(0, pick), m.index_select(0, pick)
     return x[:1], m[:1], x[1:], m[1:]
@@ -519,12 +552,13 @@ def one_shot_dice(model, support, queries, organs, args, prec):
     Returns {organ: {query: Dice}}; an organ absent from the support or a query is left out of it."""
     model.eval()
     _, s_img, s_lab = support
-    out, sup = {o: {} for o in organs}, {}
+    out = {o: {} for o in organs}
+    sup = {}
     for organ, ids in organs.items():
         zs = np.nonzero(np.isin(s_lab, ids).any((1, 2)))[0]
         if len(zs):
             pick = [int(zs[int(p * len(zs))]) for p in chunk_percentiles(args.chunks)]
-            fs = slice_features(model, s_img[pick], args.eval_batch, prec)                   # (chunks, C, h, w)
+            fs = slice_features(model, s_img[pick], args.eval_batch, prec)  # (chunks, C, h, w)
             fg = torch.from_numpy(np.isin(s_lab[pick], ids)).float()[:, None].to(fs.device)
             sup[organ] = (fs, F.interpolate(fg, fs.shape[-2:], mode="bilinear"))
     for name, q_img, q_lab in bar(queries, desc="query volumes"):
@@ -540,8 +574,10 @@ def one_shot_dice(model, support, queries, organs, args, prec):
             for k in range(args.chunks):
                 zz = np.nonzero(parts == k)[0]
                 if len(zz):
-                    sc = alp_logits(fq[z0 + zz], fs[k:k + 1], fg[k:k + 1], args.pool_test, args.proto_thresh, args.pool_train)
-                    pred[zz] = (F.interpolate(sc, q_lab.shape[1:], mode="bilinear").argmax(1) == 1).cpu().numpy()
+                    sc = alp_logits(fq[z0 + zz], fs[k:k + 1], fg[k:k + 1],
+                                    args.pool_test, args.proto_thresh, args.pool_train)
+                    pred[zz] = (F.interpolate(sc, q_lab.shape[1:], mode="bilinear").argmax(1)
+                                == 1).cpu().numpy()
             out[organ][name] = dice(pred, np.isin(q_lab[z0:z1 + 1], ids))
     return out
 
@@ -572,7 +608,8 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
         load_backbone_weights(model.backbone, weights)
     model = model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    milestones = [args.lr_step * (k + 1) for k in range(args.iters // args.lr_step - 1)]  # config_ssl_upload.py
+    # config_ssl_upload.py
+    milestones = [args.lr_step * (k + 1) for k in range(args.iters // args.lr_step - 1)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, args.lr_gamma)
     gen = torch.Generator(device=device).manual_seed(seed)
     ce_weight = torch.tensor(args.ce_weights, device=device)
@@ -583,7 +620,9 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
             model.load_state_dict(ckpt["model"])
             start = ckpt["iter"]
             if start < args.iters:
-                opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"]), gen.set_state(ckpt["generator"])
+                opt.load_state_dict(ckpt["optimizer"])
+                sched.load_state_dict(ckpt["scheduler"])
+                gen.set_state(ckpt["generator"])
             print0(f"[{tag}] resumed from {ckpt_path} at iteration {start}")
 
     def save(it):  # a finished run keeps the network only (a ResNet-101's SGD state would double the file)
@@ -595,7 +634,8 @@ def train_run(data, args, prec, device, seed, ckpt_path, log_path, settings, fin
     log = csv_logger(log_path, ["iter", "loss_query", "loss_align", "lr", "ms_per_iter", "peak_memory_gb"],
                      start_step=start)
     acc = torch.zeros(2, device=device)  # summed losses on the device; read once per log interval
-    t0, it0, t_start = time.perf_counter(), start, time.perf_counter()
+    t0, it0 = time.perf_counter(), start
+    t_start = time.perf_counter()
     for it in range(start, args.iters):
         acc += train_step(model, data, gen, opt, sched, prec, ce_weight, args)
         if it == start:
@@ -647,7 +687,8 @@ def write_table(path, summary, organs, note):
 
 
 def plot_dice(path, summary, organs, title):
-    """Fig. 6: a group of bars per organ (and the mean), one bar per training set, std over runs as error bars."""
+    """Fig. 6: a group of bars per organ (and the mean), one bar per training set, std over runs as error
+    bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -658,7 +699,8 @@ def plot_dice(path, summary, organs, title):
     for i, (s, r) in enumerate(summary.items()):
         mu = [r[o]["mean"] if r[o] else np.nan for o in cols]
         sd = [r[o]["std"] if r[o] else 0 for o in cols]
-        ax.bar(np.arange(len(cols)) + (i - (len(summary) - 1) / 2) * width, mu, width, yerr=sd, capsize=2, label=s)
+        ax.bar(np.arange(len(cols)) + (i - (len(summary) - 1) / 2) * width, mu, width,
+               yerr=sd, capsize=2, label=s)
     ax.set_xticks(range(len(cols)), [c.capitalize() for c in cols])
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
@@ -679,7 +721,8 @@ def save_episodes(path, data, args, n=4):
         sup, sup_m, qry, qry_m = sample_episode(data, gen, args)
         for row, (img, m, name) in enumerate([(sup, sup_m, "support"), (qry, qry_m, "query")]):
             ax = axes[row, j]
-            ax.imshow(img[0, 0].cpu().numpy()[::-1, ::-1], cmap="gray")   # anterior up, patient's right on the left
+            # anterior up, patient's right on the left
+            ax.imshow(img[0, 0].cpu().numpy()[::-1, ::-1], cmap="gray")
             if m.any():
                 ax.contour(m[0, 0].cpu().numpy()[::-1, ::-1], levels=[0.5], colors="gold", linewidths=0.8)
             ax.set_title(f"episode {j} {name}", fontsize=7)
@@ -696,8 +739,8 @@ def main(args):
     hu = json.loads((args.prep / "config.json").read_text())["hu"]
     prepare_out(args.out, [args.prep, *args.synthetic.values()])
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                if k not in ("train", "sets", "runs", "seeds", "synthetic", "out", "workers", "device", "eval_batch",
-                             "log_every", "save_every", "overwrite", "prep")}
+                if k not in ("train", "sets", "runs", "seeds", "synthetic", "out", "workers", "device",
+                             "eval_batch", "log_every", "save_every", "overwrite", "prep")}
     settings["prep"], settings["hu"] = str(args.prep.resolve()), hu
     guard_settings(args.out / "settings.json", settings, args.overwrite)
     res_path = args.out / "results.json"
@@ -710,7 +753,8 @@ def main(args):
     for name, folder in args.synthetic.items():
         if set(args.train) & {"synthetic", "mixed"}:
             if not folder.is_dir():
-                raise SystemExit(f"error: --synthetic {name}={folder}: no such folder (run 05_sample.py first)")
+                raise SystemExit(f"error: --synthetic {name}={folder}: "
+                                 "no such folder (run 05_sample.py first)")
             syn = [(name, img) for img, _ in evaluation.fake_pairs(folder)]
             plan[f"synthetic-{name}"] = syn
             plan[f"mixed-{name}"] = real + syn[:round(args.mix_fraction * n_real)]  # the first ones, by name
@@ -735,7 +779,8 @@ def main(args):
             print(f"skipped test case: {e}")
     support_name = args.support_case or (test[0][0] if test else None)
     support = next((t for t in test if t[0] == support_name), None)
-    if support is None and support_name is not None:  # e.g. a training case (its labels are never used in training)
+    # e.g. a training case (its labels are never used in training)
+    if support is None and support_name is not None:
         try:
             support = load_labelled(args.prep, support_name, hu, args.window)
         except ValueError as e:
@@ -752,15 +797,17 @@ def main(args):
                     "`make demo-ssl`'s --backbone resnet18 --iters 500 --lr 1e-2 --lr-step 100 "
                     "--sp-min-size 100")
 
-    note = (f"SSL-ALPNet, {args.backbone} ({Path(args.backbone_weights).name if args.backbone_weights else RANDOM_NOTE}), "
-            f"{args.iters} iterations, {args.runs} run(s) per set; 1-shot, {args.chunks} chunks, support {support_name}, "
-            f"{len(queries)} query volumes")
+    note = (f"SSL-ALPNet, {args.backbone} "
+            f"({Path(args.backbone_weights).name if args.backbone_weights else RANDOM_NOTE}), "
+            f"{args.iters} iterations, {args.runs} run(s) per set; 1-shot, {args.chunks} chunks, "
+            f"support {support_name}, {len(queries)} query volumes")
 
     def pending(s, seed, fp):  # not recorded yet, or recorded from other files
         return args.overwrite or f"{s}/seed{seed}" not in runs or runs[f"{s}/seed{seed}"]["fingerprint"] != fp
 
     def record():  # results.json after every run; the summary over this command's sets and seeds
-        summary = summarise({k: r for k, r in runs.items() if r["seed"] in args.seeds}, args.sets, args.organs)
+        summary = summarise({k: r for k, r in runs.items() if r["seed"] in args.seeds},
+                            args.sets, args.organs)
         save_json({"settings": settings, "note": note, "runs": runs, "summary": summary}, res_path)
         return summary
 
@@ -776,7 +823,8 @@ def main(args):
             members.remove(m)
         fp = evaluation.file_key([(f, None) for _, f in members])
         todo = [seed for seed in args.seeds if pending(s, seed, fp)]
-        volumes = {src: sum(1 for m in members if m[0] == src) for src in dict.fromkeys(src for src, _ in members)}
+        volumes = {src: sum(1 for m in members if m[0] == src)
+                   for src in dict.fromkeys(src for src, _ in members)}
         if not todo:
             print(f"[{s}] {args.runs} run(s) recorded in {res_path} already (--overwrite redoes them)")
             continue
@@ -786,30 +834,35 @@ def main(args):
         sps = np.concatenate([loaded[m][1] for m in members])
         nsp = sps.reshape(len(sps), -1).max(1)
         keep = nsp >= 1                                        # slices with no body have no pseudo-label
-        data = (torch.from_numpy((vols[keep] - mean) / std).to(device), torch.from_numpy(sps[keep]).to(device),
+        data = (torch.from_numpy((vols[keep] - mean) / std).to(device),
+                torch.from_numpy(sps[keep]).to(device),
                 torch.from_numpy(nsp[keep].astype(np.float32)).to(device))
         del vols, sps
         norm = lambda t: (t[0], torch.from_numpy((t[1] - mean) / std).to(device), t[2])
         sup_n, qry_n = norm(support), [norm(q) for q in queries]
         print(f"[{s}] {len(members)} volumes ({', '.join(f'{n} {k}' for k, n in volumes.items())}), "
-              f"{int(keep.sum())} slices with superpixels (mean {nsp[keep].mean():.1f} per slice); z-score {mean:.3f} ± {std:.3f}")
+              f"{int(keep.sum())} slices with superpixels (mean {nsp[keep].mean():.1f} per slice); "
+              f"z-score {mean:.3f} ± {std:.3f}")
         if not shown:
             save_episodes(args.out / "episodes.png", data, args)
             shown = True
         for seed in todo:
             tag = f"{s}/seed{seed}"
-            model, stats = train_run(data, args, prec, device, seed, args.out / "checkpoints" / f"{s}_seed{seed}.pt",
+            model, stats = train_run(data, args, prec, device, seed,
+                                     args.out / "checkpoints" / f"{s}_seed{seed}.pt",
                                      args.out / "logs" / f"{s}_seed{seed}.csv", settings, fp, tag)
             t0 = time.perf_counter()
             dice = one_shot_dice(model, sup_n, qry_n, args.organs, args, prec)
             organ = {o: (float(np.mean(list(d.values()))) if d else None) for o, d in dice.items()}
             known = [v for v in organ.values() if v is not None]
             organ["mean"] = float(np.mean(known)) if known else None
-            runs[tag] = {"set": s, "seed": seed, "fingerprint": fp, "volumes": volumes, "slices": int(keep.sum()),
-                         "norm": [mean, std], "dice": dice, "organ_dice": organ, **stats,
+            runs[tag] = {"set": s, "seed": seed, "fingerprint": fp, "volumes": volumes,
+                         "slices": int(keep.sum()), "norm": [mean, std], "dice": dice,
+                         "organ_dice": organ, **stats,
                          "eval_seconds": round(time.perf_counter() - t0, 1)}
             record()
-            print0(f"[{tag}] Dice " + ", ".join(f"{o} {'–' if v is None else f'{v:.3f}'}" for o, v in organ.items()))
+            print0(f"[{tag}] Dice "
+                   + ", ".join(f"{o} {'–' if v is None else f'{v:.3f}'}" for o, v in organ.items()))
             del model
 
     summary = record()

@@ -632,7 +632,8 @@ def first_step_line(device, t0, step, total, log_every, what="step", prefix=""):
     One host sync, once per run."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    dt, left = time.perf_counter() - t0, total - step
+    dt = time.perf_counter() - t0
+    left = total - step
     nxt = min(total, -(-step // log_every) * log_every)  # the next logged step
     then = f"; next line at {what} {nxt}" if nxt > step else ""
     plural = "s" if left != 1 else ""
@@ -681,14 +682,16 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
     labels: matching integer volumes (or None) drawn as contours, coloured by `names` (label -> name:
     LABEL_NAMES for 01's label maps, MASK_NAMES for 02's masks) with COLOURS, and a legend underneath;
     spacing: (dz, dy, dx) in mm, for the aspect ratio of coronal and sagittal views;
-    centres: a (z, y, x) voxel per row where the three slices cross (None: the middle), e.g. an organ's centroid.
+    centres: a (z, y, x) voxel per row where the three slices cross (None: the middle), e.g. an
+    organ's centroid.
     Shown in radiological convention: anterior up, the patient's right on the image's left.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    as_np = lambda v: None if v is None else (v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v))
+    as_np = lambda v: None if v is None else (v.detach().float().cpu().numpy() if torch.is_tensor(v)
+                                              else np.asarray(v))
     images = [images] if not isinstance(images, (list, tuple)) else list(images)
     labels = [labels] * len(images) if not isinstance(labels, (list, tuple)) else list(labels)
     titles = titles if isinstance(titles, (list, tuple)) else [titles] * len(images)
@@ -707,7 +710,8 @@ def save_preview(path, images, labels=None, titles=None, spacing=(1.0, 1.0, 1.0)
         ]
         for col, (take, aspect, name) in enumerate(views):
             ax = axes[row, col]
-            ax.imshow(take(img), cmap="gray", vmin=vrange[0], vmax=vrange[1], aspect=aspect, interpolation="nearest")
+            ax.imshow(take(img), cmap="gray", vmin=vrange[0], vmax=vrange[1], aspect=aspect,
+                      interpolation="nearest")
             if lab is not None:
                 sl = take(lab)
                 for k in sorted(set(np.unique(sl).tolist()) - {0}):

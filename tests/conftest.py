@@ -14,7 +14,8 @@ TEST_DATA = REPO / "tests" / "data"
 from common import load_stage  # noqa: E402
 
 # Small phantoms (coarse voxels) keep the tests fast; 01 then targets a small grid too.
-SMALL_PHANTOMS = ["--spacing-xy", "3.5", "4.5", "--spacing-z", "4", "6", "--z-extent", "120", "200", "--previews", "0"]
+SMALL_PHANTOMS = ["--spacing-xy", "3.5", "4.5", "--spacing-z", "4", "6", "--z-extent", "120", "200",
+                  "--previews", "0"]
 SMALL_PREP = ["--spacing", "3", "3", "4", "--size", "96", "--depth", "16", "--workers", "1", "--no-previews"]
 
 

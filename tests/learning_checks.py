@@ -33,12 +33,15 @@ def run_checks(runs):
                 vq["psnr"] >= VQGAN_MIN_PSNR))
     for name, folder in (("Lad", "diffusion"), ("V0", "diffusion_v0")):
         first, last = losses(runs / folder / "log.csv")
-        out.append((f"{name} diffusion loss", f"{first:.3f} -> {last:.3f} (ratio {last / first:.2f} < {LOSS_DROP})",
+        out.append((f"{name} diffusion loss",
+                    f"{first:.3f} -> {last:.3f} (ratio {last / first:.2f} < {LOSS_DROP})",
                     last < LOSS_DROP * first))
     res = json.loads((runs / "eval" / "metrics.json").read_text())["results"]
     real, lad, v0 = (res[k]["fidelity"]["dice_organ"] for k in ("real", "lad", "v0"))
-    out.append(("fidelity probe on real data", f"organ Dice {real:.3f} >= {REAL_MIN_DICE}", real >= REAL_MIN_DICE))
-    out.append(("fidelity: Lad above V0", f"organ Dice {lad:.3f} vs {v0:.3f} (margin {lad - v0:+.3f} >= {LAD_OVER_V0})",
+    out.append(("fidelity probe on real data", f"organ Dice {real:.3f} >= {REAL_MIN_DICE}",
+                real >= REAL_MIN_DICE))
+    out.append(("fidelity: Lad above V0",
+                f"organ Dice {lad:.3f} vs {v0:.3f} (margin {lad - v0:+.3f} >= {LAD_OVER_V0})",
                 lad - v0 >= LAD_OVER_V0))
     lad, v0 = (res[k]["contrast"]["own_hu"] for k in ("lad", "v0"))
     out.append(("the organ where the mask says: Lad above V0",

@@ -63,7 +63,8 @@ def test_read_nifti_names_the_file_on_a_truncated_gz(tmp_path):
         common.read_nifti(tmp_path / "cut.nii.gz")
 
 
-@pytest.mark.parametrize("name, cid", [("Case_00001_0000.nii.gz", "Case_00001"), ("Case_00001.nii.gz", "Case_00001"),
+@pytest.mark.parametrize("name, cid", [("Case_00001_0000.nii.gz", "Case_00001"),
+                                       ("Case_00001.nii.gz", "Case_00001"),
                                        ("pancreas_001.nii.gz", "pancreas_001"), ("s0011.nii", "s0011"),
                                        ("liver_12_0000.nii", "liver_12")])
 def test_case_id(name, cid):
@@ -133,7 +134,8 @@ def test_distributed_gloo_group_of_one(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     d = common.setup_distributed("cpu")
@@ -151,7 +153,8 @@ def test_save_preview_writes_png(tmp_path):
     img = torch.rand(8, 20, 24)
     lab = np.zeros((8, 20, 24), np.uint8)
     lab[3:5, 5:10, 6:12] = 4
-    common.save_preview(tmp_path / "p.png", [img, img.numpy()], [lab, None], ["a", "b"], spacing=(2.3, 1.6, 1.6))
+    common.save_preview(tmp_path / "p.png", [img, img.numpy()], [lab, None], ["a", "b"],
+                        spacing=(2.3, 1.6, 1.6))
     data = (tmp_path / "p.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
@@ -237,5 +240,6 @@ def test_soft_tissue_window_follows_the_prep_hu_window(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hu": [-200, 300]}))
     assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 1.0))
     (tmp_path / "config.json").write_text(json.dumps({"hu": [-100, 900]}))
-    assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 0.4))             # -200 HU clipped to the window
-    assert common.soft_tissue(tmp_path, hu=(-1000, 400)) == pytest.approx((800 / 1400, 1300 / 1400))  # hu wins
+    assert common.soft_tissue(tmp_path) == pytest.approx((0.0, 0.4))  # -200 HU clipped to the window
+    # hu wins
+    assert common.soft_tissue(tmp_path, hu=(-1000, 400)) == pytest.approx((800 / 1400, 1300 / 1400))

@@ -39,7 +39,8 @@ def test_cosine_schedule_and_posterior_against_direct_computation():
     x = torch.full((200_000,), 0.7)
     noise = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
     z = diff.q_sample(x, t, noise)
-    assert abs(z.mean().item() - np.sqrt(abar[120]) * 0.7) < 0.01 and abs(z.var().item() - (1 - abar[120])) < 0.01
+    assert (abs(z.mean().item() - np.sqrt(abar[120]) * 0.7) < 0.01
+            and abs(z.var().item() - (1 - abar[120])) < 0.01)
     torch.testing.assert_close(diff.predict_x0(z, t, noise), x, atol=1e-4, rtol=1e-4)
 
 
@@ -90,16 +91,19 @@ def test_parameter_count_matches_the_reference():
 
 def tiny(mode="both", shape=(8, 4, 8, 8), depth=4):
     torch.manual_seed(0)
-    return dm.Denoiser(dict(mode=mode, latent_shape=shape, depth=depth), dict(channels=8, dim=8, dim_mults=(1, 2), heads=2, dim_head=8))
+    return dm.Denoiser(dict(mode=mode, latent_shape=shape, depth=depth),
+                       dict(channels=8, dim=8, dim_mults=(1, 2), heads=2, dim_head=8))
 
 
 def test_null_embedding_learns_drop_rate_and_condition_matters():
-    d, diff = tiny(), dm.GaussianDiffusion(50)
+    d = tiny()
+    diff = dm.GaussianDiffusion(50)
     z0, ml, b = torch.randn(4, 8, 4, 8, 8), torch.randn(4, 8, 4, 8, 8), torch.randint(0, 3, (4, 24))
     assert isinstance(d.unet.null_cond, torch.nn.Parameter) and d.unet.null_cond.shape == (1, d.extractor.dim)
     diff.loss(d, z0, (ml, b), p_uncond=1.0).backward()
     assert d.unet.null_cond.grad.abs().sum() > 0, "the null embedding is trained"
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in d.extractor.content.parameters())  # all dropped
+    # all dropped
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in d.extractor.content.parameters())
     d.zero_grad()
     diff.loss(d, z0, (ml, b), p_uncond=0.0).backward()
     assert d.unet.null_cond.grad.abs().sum() == 0
@@ -124,7 +128,8 @@ def test_null_embedding_learns_drop_rate_and_condition_matters():
         assert (out[0] - out[1]).abs().max() > 1e-4
         out = d(z, t, torch.stack([ml[0], ml[0] + 1]), b[:2].clone().fill_(1))  # another content condition
         assert (out[0] - out[1]).abs().max() > 1e-4
-        assert (d(z, t, ml[:2], b[:2], drop=torch.tensor([True, False]))[0] - d(z, t, ml[:2], b[:2])[0]).abs().max() > 1e-4
+        assert (d(z, t, ml[:2], b[:2], drop=torch.tensor([True, False]))[0]
+                - d(z, t, ml[:2], b[:2])[0]).abs().max() > 1e-4
 
 
 def test_guidance_combines_as_eq4():
@@ -136,11 +141,13 @@ def test_guidance_combines_as_eq4():
             return a if drop is None else torch.where(drop.view(-1, 1), b, a)
     z, t, c = torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), (torch.zeros(3, 1), torch.zeros(3, 1))
     for w in (0.0, 0.5, 1.0, 2.0):
-        torch.testing.assert_close(dm.guided_eps(Stub(), z, t, c, w), torch.full((3, 1), (1 + w) * 2.0 - w * (-1.0)))
+        torch.testing.assert_close(dm.guided_eps(Stub(), z, t, c, w),
+                                   torch.full((3, 1), (1 + w) * 2.0 - w * (-1.0)))
 
 
 def test_tiny_model_learns(tmp_path):
-    d, diff = tiny(), dm.GaussianDiffusion(100)
+    d = tiny()
+    diff = dm.GaussianDiffusion(100)
     g = torch.Generator().manual_seed(0)
     z0 = torch.rand(4, 8, 4, 8, 8, generator=g) * 2 - 1
     z0 = torch.nn.functional.avg_pool3d(z0, 3, 1, 1).clamp(-1, 1)  # smooth, learnable structure
@@ -168,9 +175,10 @@ def test_train_resume_equals_uninterrupted(tmp_path, masked_prep):
     torch.manual_seed(0)
     m = vq.VQGAN(n_hiddens=8, n_codes=32, num_groups=8)
     save_checkpoint({"step": 0, "model_kwargs": m.kwargs, "model": m.state_dict()}, tmp_path / "vq.pt")
-    cmd = lambda out, steps: [sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep), "--vqgan",
-                              str(tmp_path / "vq.pt"), "--out", str(out), "--dim", "8", "--dim-mults", "1", "2",
-                              "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "20", "--batch-size", "2",
+    cmd = lambda out, steps: [sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep),
+                              "--vqgan", str(tmp_path / "vq.pt"), "--out", str(out), "--dim", "8",
+                              "--dim-mults", "1", "2", "--attn-heads", "2", "--attn-dim-head", "8",
+                              "--timesteps", "20", "--batch-size", "2",
                               "--log-every", "1", "--save-every", "2", "--ema-start", "1", "--ema-every", "1",
                               "--n-preview", "1", "--device", "cpu", "--workers", "1", "--steps", str(steps)]
     r = subprocess.run(cmd(tmp_path / "a", 4), capture_output=True, text=True)
@@ -203,8 +211,10 @@ def test_train_resume_equals_uninterrupted(tmp_path, masked_prep):
 
 @pytest.mark.parametrize("mode, dim", [("none", 0), ("content", 4), ("structure", 24), ("both", 28)])
 def test_every_ablation_builds_and_runs(mode, dim):
-    d, diff = tiny(mode), dm.GaussianDiffusion(10)
-    assert d.extractor.dim == dim and (d.unet.null_cond is None) == (dim == 0)  # content: (4, 8, 8) latent -> (1, 2, 2)
+    d = tiny(mode)
+    diff = dm.GaussianDiffusion(10)
+    # content: (4, 8, 8) latent -> (1, 2, 2)
+    assert d.extractor.dim == dim and (d.unet.null_cond is None) == (dim == 0)
     z, ml, b = torch.randn(2, 8, 4, 8, 8), torch.randn(2, 8, 4, 8, 8), torch.randint(0, 3, (2, 24))
     assert torch.isfinite(diff.loss(d, z, (ml, b), 0.25))
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -220,7 +230,8 @@ def test_a_batch_in_pieces_is_the_same_step():
     data = (torch.randn(5, 8, 4, 8, 8), torch.randn(5, 8, 4, 8, 8), torch.randint(0, 3, (5, 24)))
     results = []
     for micro, accum in ((None, 1), (1, 1), (2, 1), (2, 2)):
-        d, diff = tiny(), dm.GaussianDiffusion(20)
+        d = tiny()
+        diff = dm.GaussianDiffusion(20)
         opt = torch.optim.SGD(d.parameters(), lr=0.1)  # weights after one step = weights - 0.1 · gradient
         pieces = []
         loss = dm.train_step(d, diff, opt, prec, data, 3, accum, 0.25,
@@ -234,7 +245,8 @@ def test_a_batch_in_pieces_is_the_same_step():
         torch.testing.assert_close(w2, w, rtol=0, atol=1e-6)
     assert not torch.allclose(split[2][1], w, atol=1e-6)  # two accumulated batches are another step
     # memory: per-sample activations of a batch of one, and the piece that fits in half the free memory
-    d, diff = tiny(), dm.GaussianDiffusion(20)
+    d = tiny()
+    diff = dm.GaussianDiffusion(20)
     per_sample = dm.activation_bytes(d, diff, data, prec, 0.25)
     assert per_sample > sum(p.numel() * 4 for p in d.parameters())   # the weights it saves, and more
     assert dm.fitting_micro_batch(100, 20, 1000) == 5 and dm.fitting_micro_batch(100, 20, 10**6) == 20

@@ -114,7 +114,8 @@ def test_segnet_shift_hides_the_usual_position():
 
     tr, te = make(8, True), make(4, False)
     dice = {s: ev.fidelity(tr[0], tr[1], te[0], te[1], ev.get_args(
-        ["--fidelity-steps", "150", "--fidelity-batch", "8", "--fidelity-width", "8", "--fidelity-shift", str(s)]),
+        ["--fidelity-steps", "150", "--fidelity-batch", "8", "--fidelity-width", "8",
+         "--fidelity-shift", str(s)]),
         "cpu")["dice_organ"] for s in (0.0, 0.25)}
     print("probe Dice on position-only masks:", dice)
     assert dice[0.0] > 0.5     # 0.66 when written
@@ -163,9 +164,11 @@ def test_end_to_end_on_tiny_folders(tmp_path, masked_prep):
     names = split["train"] + split["test"]
     _write_fake(tmp_path / "copy", masked_prep, names, hu)                      # the real set again, in HU
     _write_fake(tmp_path / "noisy", masked_prep, names, hu, noise=0.15)
-    (tmp_path / "noisy" / ".s0.nii.gz.4242.tmp.nii.gz").write_bytes(b"half-written")  # a killed writer's temp file
+    # a killed writer's temp file
+    (tmp_path / "noisy" / ".s0.nii.gz.4242.tmp.nii.gz").write_bytes(b"half-written")
     out = tmp_path / "eval"
-    cmd = [sys.executable, str(REPO / "06_eval.py"), "--real", str(masked_prep), "--fake", f"copy={tmp_path / 'copy'}",
+    cmd = [sys.executable, str(REPO / "06_eval.py"), "--real", str(masked_prep),
+           "--fake", f"copy={tmp_path / 'copy'}",
            "--fake", f"noisy={tmp_path / 'noisy'}", "--out", str(out), "--med3d-depth", "10", "--pairs", "10",
            "--fidelity-steps", "20", "--fidelity-batch", "4", "--fidelity-width", "8"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -173,7 +176,8 @@ def test_end_to_end_on_tiny_folders(tmp_path, masked_prep):
     m = json.loads((out / "metrics.json").read_text())
     res = m["results"]
     assert m["settings"]["features"]["weights"] == "random"
-    train_masks = [read_nifti(masked_prep / "masks" / f"{n}.nii.gz", None)[0].transpose(2, 1, 0) for n in split["train"]]
+    train_masks = [read_nifti(masked_prep / "masks" / f"{n}.nii.gz", None)[0].transpose(2, 1, 0)
+                   for n in split["train"]]
     assert m["settings"]["organ_box"] == ev.organ_box(train_masks), "the box comes from the training masks"
     assert res["noisy"]["n"] == len(names) and res["noisy"]["composition"] is None  # not a 05 folder
     assert ev.RANDOM_NOTE in (out / "table.md").read_text() and ev.RANDOM_NOTE in r.stdout

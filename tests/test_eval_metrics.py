@@ -49,11 +49,12 @@ def test_fid_closed_forms_and_symmetry():
 
 # --------------------------------------------------------------------------- MMD
 def mmd_double_loop(a, b):
-    """HA-GAN's statistic written out: distances sqrt(‖x−y‖² + 1e-5) over the pooled set, α = 1 / (lower
-    median of the full matrix, diagonal included)², unbiased MMD² of exp(−α d²)."""
+    """HA-GAN's statistic written out: distances sqrt(‖x−y‖² + 1e-5) over the pooled set,
+    α = 1 / (lower median of the full matrix, diagonal included)², unbiased MMD² of exp(−α d²)."""
     x = [list(map(float, r)) for r in a] + [list(map(float, r)) for r in b]
     n, na = len(x), len(a)
-    d = [[math.sqrt(sum((p - q) ** 2 for p, q in zip(x[i], x[j])) + 1e-5) for j in range(n)] for i in range(n)]
+    d = [[math.sqrt(sum((p - q) ** 2 for p, q in zip(x[i], x[j])) + 1e-5) for j in range(n)]
+         for i in range(n)]
     flat = sorted(v for row in d for v in row)
     alpha = 1 / flat[(len(flat) - 1) // 2] ** 2
     k = [[math.exp(-alpha * d[i][j] ** 2) for j in range(n)] for i in range(n)]
@@ -114,7 +115,8 @@ def ms_ssim_reference(x, y, data_range):
             terms = []
             for scale in range(5):
                 m1, m2 = ref_blur(u, g), ref_blur(v, g)
-                s11, s22, s12 = ref_blur(u * u, g) - m1 * m1, ref_blur(v * v, g) - m2 * m2, ref_blur(u * v, g) - m1 * m2
+                s11, s22, s12 = (ref_blur(u * u, g) - m1 * m1, ref_blur(v * v, g) - m2 * m2,
+                                 ref_blur(u * v, g) - m1 * m2)
                 cs = (2 * s12 + c2) / (s11 + s22 + c2)
                 ssim = ((2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1) * cs).mean()
                 if scale < 4:
@@ -162,7 +164,8 @@ def released_layout(depth, num_batches_tracked=True):
     """Key -> shape of a released resnet_<depth>.pth, written out from the architecture description
     (not from our model): BasicBlock 3³/3³ below 50, Bottleneck 1³/3³/1³ (×4) from 50, a 1³ conv + BN
     shortcut where type B and the first block of a layer changes stride or width, plus the conv_seg head."""
-    keys, bottleneck = {}, depth >= 50
+    keys = {}
+    bottleneck = depth >= 50
     expansion = 4 if bottleneck else 1
 
     def bn(name, c):
@@ -185,8 +188,8 @@ def released_layout(depth, num_batches_tracked=True):
                 keys[f"{p}.downsample.0.weight"] = (planes * expansion, cin, 1, 1, 1)
                 bn(f"{p}.downsample.1", planes * expansion)
             cin = planes * expansion
-    keys.update({"conv_seg.0.weight": (cin, 32, 2, 2, 2), "conv_seg.0.bias": (32,), "conv_seg.3.weight": (32, 32, 3, 3, 3),
-                 "conv_seg.6.weight": (2, 32, 1, 1, 1)})
+    keys.update({"conv_seg.0.weight": (cin, 32, 2, 2, 2), "conv_seg.0.bias": (32,),
+                 "conv_seg.3.weight": (32, 32, 3, 3, 3), "conv_seg.6.weight": (2, 32, 1, 1, 1)})
     bn("conv_seg.1", 32)
     bn("conv_seg.4", 32)
     return keys

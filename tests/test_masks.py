@@ -81,7 +81,8 @@ def literal_forward(sd, target, s_img, s_lab):
     up = lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
     for i in range(3):
         ts, ss = skips.pop()
-        t, s = block(f"dec_blocks.{i}", torch.cat([up(t), ts], 1), [torch.cat([up(a), b], 1) for a, b in zip(s, ss)])
+        t, s = block(f"dec_blocks.{i}", torch.cat([up(t), ts], 1),
+                     [torch.cat([up(a), b], 1) for a, b in zip(s, ss)])
     return conv(t, "out_conv.conv", False)
 
 
@@ -121,7 +122,8 @@ def test_mask_helpers_on_hand_made_shapes():
     lab = np.zeros((4, 6, 6), np.uint8)
     lab[1, 1:3, 1:3], lab[2, 2, 2], lab[3, 4, 4] = 4, 5, 1
     m = masks.mask_from_labels(lab, [4], [5])
-    assert m.dtype == np.uint8 and m[1, 1, 1] == 1 and m[2, 2, 2] == 2 and m[3, 4, 4] == 0 and m.sum() == 4 + 2
+    assert (m.dtype == np.uint8 and m[1, 1, 1] == 1 and m[2, 2, 2] == 2 and m[3, 4, 4] == 0
+            and m.sum() == 4 + 2)
     assert (masks.mask_from_labels(lab, [1, 4], []) > 0).sum() == 5
     big = np.zeros((6, 10, 10), np.uint8)
     big[0:3, 0:3, 0:3], big[5, 8, 8] = 1, 2
@@ -172,7 +174,8 @@ def test_labels_method_is_exact_on_the_image_grid(tmp_path, small_prep):
     assert r.returncode == 0, r.stderr
     name = split["train"][0]
     lab = np.asarray(nib.load(prep / "labels" / f"{name}.nii.gz").dataobj)
-    np.testing.assert_array_equal(np.asarray(nib.load(prep / "masks" / f"{name}.nii.gz").dataobj), np.isin(lab, [1, 3]))
+    np.testing.assert_array_equal(np.asarray(nib.load(prep / "masks" / f"{name}.nii.gz").dataobj),
+                                  np.isin(lab, [1, 3]))
 
 
 def test_empty_and_unlabelled_cases_are_reported(tmp_path, small_prep):
@@ -222,13 +225,14 @@ def test_tumour_support_from_another_labelled_set(tmp_path, small_prep):
     state["out_conv.conv.weight"].zero_()
     state["out_conv.conv.bias"].fill_(5.0)
     torch.save(state, tmp_path / "w.pt")
-    args = ("--method", "universeg", "--weights", tmp_path / "w.pt", "--support-size", "3", "--resolution", "32",
-            "--no-previews")
+    args = ("--method", "universeg", "--weights", tmp_path / "w.pt", "--support-size", "3",
+            "--resolution", "32", "--no-previews")
     r = run_masks(prep, *args)
     assert r.returncode == 0, r.stderr
     s = json.loads((prep / "masks" / "summary.json").read_text())
     assert s["counts"]["with_tumour"] == 0 and s["warnings"] == [masks.NO_TUMOUR]
-    assert "no support slice contains the tumour label" in r.stdout and "WARNING: no mask holds a tumour" in r.stdout
+    assert ("no support slice contains the tumour label" in r.stdout
+            and "WARNING: no mask holds a tumour" in r.stdout)
     name = s["cases"][0]["case"]
     assert set(np.unique(np.asarray(nib.load(prep / "masks" / f"{name}.nii.gz").dataobj))) == {1}
     r = run_masks(prep, *args, "--tumour-support", small_prep, "--overwrite")

@@ -32,11 +32,13 @@ def test_flip_is_exact_and_invertible(phantom_mask):
 
 
 def test_labels_kept_volume_bounded_no_specks(phantom_mask):
-    specks = lambda m: sum(np.bincount(ndimage.label(m == k, np.ones((3, 3, 3)))[0].ravel())[1:].__lt__(4).sum()
-                           for k in (1, 2) if (m == k).any())
+    specks = lambda m: sum(
+        np.bincount(ndimage.label(m == k, np.ones((3, 3, 3)))[0].ravel())[1:].__lt__(4).sum()
+        for k in (1, 2) if (m == k).any())
     base_specks = specks(phantom_mask)
     for seed in range(6):
-        out, p = sm.augment_mask(phantom_mask, np.random.default_rng(seed), 0.5, 10.0, (0.9, 1.1), 0.05, 0.0, 8.0)
+        out, p = sm.augment_mask(phantom_mask, np.random.default_rng(seed),
+                                 0.5, 10.0, (0.9, 1.1), 0.05, 0.0, 8.0)
         assert set(np.unique(out)) <= set(np.unique(phantom_mask)), "no new labels"
         ratio = (out > 0).sum() / (phantom_mask > 0).sum()
         assert 0.81 * 0.93 <= ratio <= 1.21 * 1.07, (seed, ratio, p)  # area scales by s², s in [0.9, 1.1]
@@ -50,7 +52,8 @@ def test_elastic_field_smooth_and_deterministic():
     b = sm.elastic_field(np.random.default_rng(3), (64, 64), 4.0, 8.0)
     np.testing.assert_array_equal(a, b)
     assert abs(np.abs(a).max() - 4.0) < 1e-9
-    assert np.abs(np.diff(a, axis=1)).max() < 1.0 and np.abs(np.diff(a, axis=2)).max() < 1.0, "smooth: < 1 voxel per voxel"
+    assert (np.abs(np.diff(a, axis=1)).max() < 1.0
+            and np.abs(np.diff(a, axis=2)).max() < 1.0), "smooth: < 1 voxel per voxel"
     assert not np.array_equal(a, sm.elastic_field(np.random.default_rng(4), (64, 64), 4.0, 8.0))
 
 
@@ -86,7 +89,8 @@ def test_ddpm_with_a_stub_matches_hand_computed_posterior_steps():
         eps = ((1 + w) * 0.3 - w * (-0.2)) * z
         x0 = np.clip(np.sqrt(1 / abar[t]) * z - np.sqrt(1 / abar[t] - 1) * eps, -1, 1)
         ab_prev = abar[t - 1] if t > 0 else 1.0
-        mean = betas[t] * np.sqrt(ab_prev) / (1 - abar[t]) * x0 + (1 - ab_prev) * np.sqrt(1 - betas[t]) / (1 - abar[t]) * z
+        mean = (betas[t] * np.sqrt(ab_prev) / (1 - abar[t]) * x0
+                + (1 - ab_prev) * np.sqrt(1 - betas[t]) / (1 - abar[t]) * z)
         var = betas[t] * (1 - ab_prev) / (1 - abar[t])
         noise = draw()
         z = mean + (np.sqrt(max(var, 1e-20)) * noise if t > 0 else 0)
@@ -97,10 +101,12 @@ def test_ddim_is_deterministic_and_samples_do_not_depend_on_the_batch():
     torch.manual_seed(0)
     d = dm.Denoiser(dict(mode="both", latent_shape=(8, 4, 8, 8), depth=4),
                     dict(channels=8, dim=8, dim_mults=(1, 2), heads=2, dim_head=8)).eval()
-    diff, prec = dm.GaussianDiffusion(20), choose_precision("cpu")
+    diff = dm.GaussianDiffusion(20)
+    prec = choose_precision("cpu")
     cond = (torch.randn(2, 8, 4, 8, 8), torch.randint(0, 3, (2, 24)))
-    run = lambda seeds, c, sampler: dm.sample_latents(diff, d, c, (len(seeds), 8, 4, 8, 8), 1.0, sampler, 5,
-                                                      [torch.Generator().manual_seed(s) for s in seeds], "cpu", prec)
+    run = lambda seeds, c, sampler: dm.sample_latents(
+        diff, d, c, (len(seeds), 8, 4, 8, 8), 1.0, sampler, 5,
+        [torch.Generator().manual_seed(s) for s in seeds], "cpu", prec)
     a, b = run([1, 2], cond, "ddim"), run([1, 2], cond, "ddim")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     # alone or in a batch: the same sample up to float summation order (a different seed differs by O(1))
@@ -117,22 +123,26 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
     torch.manual_seed(0)
     m = vq.VQGAN(n_hiddens=8, n_codes=32, num_groups=8)
     save_checkpoint({"step": 0, "model_kwargs": m.kwargs, "model": m.state_dict()}, tmp_path / "vq.pt")
-    r = subprocess.run([sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep), "--vqgan", str(tmp_path / "vq.pt"),
-                        "--out", str(tmp_path / "diff"), "--dim", "8", "--dim-mults", "1", "2", "--attn-heads", "2",
+    r = subprocess.run([sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep),
+                        "--vqgan", str(tmp_path / "vq.pt"), "--out", str(tmp_path / "diff"),
+                        "--dim", "8", "--dim-mults", "1", "2", "--attn-heads", "2",
                         "--attn-dim-head", "8", "--timesteps", "10", "--batch-size", "2", "--steps", "2",
                         "--device", "cpu", "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     # on a CPU, previews are drawn only when asked for (--n-preview)
     assert "previews skipped on the CPU" in r.stdout and not (tmp_path / "diff" / "previews").exists()
-    cmd = [sys.executable, str(REPO / "05_sample.py"), "--prep", str(masked_prep), "--vqgan", str(tmp_path / "vq.pt"),
-           "--diffusion", str(tmp_path / "diff" / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-original", "1", "--n-augmented", "2", "--batch-size", "2",
+    cmd = [sys.executable, str(REPO / "05_sample.py"), "--prep", str(masked_prep),
+           "--vqgan", str(tmp_path / "vq.pt"),
+           "--diffusion", str(tmp_path / "diff" / "ckpt.pt"), "--out", str(tmp_path / "s"),
+           "--n-original", "1", "--n-augmented", "2", "--batch-size", "2",
            "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote 3 new volumes" in r.stdout and "s/volume" in r.stdout
     index = json.loads((tmp_path / "s" / "samples.json").read_text())
     samples = index["samples"]
-    assert index["composition"] == {"original": 1, "augmented": 2} and index["written"] == index["composition"]
+    assert (index["composition"] == {"original": 1, "augmented": 2}
+            and index["written"] == index["composition"])
     for sid, rec in samples.items():
         assert rec == json.loads((tmp_path / "s" / f"{sid}.json").read_text())
         img, msk = nib.load(tmp_path / "s" / f"{sid}.nii.gz"), nib.load(tmp_path / "s" / f"{sid}_mask.nii.gz")
@@ -140,14 +150,17 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
         np.testing.assert_array_equal(img.affine, src.affine)
         np.testing.assert_array_equal(msk.affine, src.affine)
         v = np.asarray(img.dataobj)
-        assert img.get_data_dtype() == np.int16 and v.shape == src.shape and v.min() >= -1000 and v.max() <= 400
+        assert (img.get_data_dtype() == np.int16 and v.shape == src.shape
+                and v.min() >= -1000 and v.max() <= 400)
         assert set(np.unique(np.asarray(msk.dataobj))) <= {0, 1, 2}
     assert samples["sample_00000"]["mask"] == "original" and samples["sample_00000"]["augmentation"] is None
     assert [samples[f"sample_{i:05d}"]["mask"] for i in (1, 2)] == ["augmented", "augmented"]
     assert all(samples[f"sample_{i:05d}"]["augmentation"] is not None for i in (1, 2))
     # the original sample's mask is 02's mask of its case, voxel for voxel
-    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "s" / "sample_00000_mask.nii.gz").dataobj),
-                                  np.asarray(nib.load(masked_prep / "masks" / f"{samples['sample_00000']['case']}.nii.gz").dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "s" / "sample_00000_mask.nii.gz").dataobj),
+        np.asarray(nib.load(masked_prep / "masks"
+                            / f"{samples['sample_00000']['case']}.nii.gz").dataobj))
     stamp = (tmp_path / "s" / "sample_00000.nii.gz").stat().st_mtime_ns
     # killed between a sample's volume and its record (written last), with a torn temp file beside it
     (tmp_path / "s" / "sample_00002.json").unlink()
@@ -168,7 +181,8 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path, masked_prep):
 
 
 def test_composition_defaults_and_plan():
-    assert sm.composition(None, None, 800) == (400, 400)   # the augmented mask set, as large as the training set
+    # the augmented mask set, as large as the training set
+    assert sm.composition(None, None, 800) == (400, 400)
     assert sm.composition(None, None, 7) == (4, 3)
     assert sm.composition(0, 256, 800) == (0, 256)         # Table 3
     assert sm.composition(0, None, 800) == (0, 800)         # Table 2, × rows: only augmented, as many

@@ -1,6 +1,7 @@
-"""07_ssl_seg.py: the ResNet layout against torchvision's published facts, strict weight loading, ALP against a
-literal re-implementation of the reference algorithm, the warps against scipy, superpixels on hand-made
-slices, the 1-shot chunk protocol with an oracle encoder, resumable training, and the CLI end to end."""
+"""07_ssl_seg.py: the ResNet layout against torchvision's published facts, strict weight loading, ALP
+against a literal re-implementation of the reference algorithm, the warps against scipy, superpixels on
+hand-made slices, the 1-shot chunk protocol with an oracle encoder, resumable training, and the CLI end
+to end."""
 import json
 import math
 import subprocess
@@ -53,10 +54,12 @@ def test_resnet101_key_names_follow_torchvision():
 def test_backbone_weights_load_strictly(tmp_path):
     torch.manual_seed(0)
     src = ss.ResNet("resnet18")
-    sd = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    sd = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+          for k, v in src.state_dict().items()}
     # a torchvision ResNet file: with an fc head, without num_batches_tracked (older files)
     plain = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    torch.save({**plain, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, tmp_path / "r18.pth")
+    torch.save({**plain, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)},
+               tmp_path / "r18.pth")
     enc = ss.SliceEncoder("resnet18", 16)
     ss.load_backbone_weights(enc.backbone, tmp_path / "r18.pth")
     for k, v in plain.items():
@@ -93,7 +96,7 @@ def test_encoder_repeats_the_slice_to_three_channels():
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
 
 
-# --------------------------------------------------------------------------- ALP against the reference algorithm
+# ------------------------------------------------------------------------ ALP against the reference algorithm
 def reference_alp(qry, sup, mask, window, mode, thresh=0.95):
     """models/alpmodule.py MultiProtoAsConv.forward, 1 shot, written out literally: prototypes are
     *selected* by boolean indexing, then 20·cos, then Σ softmax · dists."""
@@ -123,10 +126,10 @@ def test_alp_score_equals_the_reference(case):
     torch.manual_seed(1)
     h = w = 16
     qry, sup = torch.randn(2, 8, h, w), torch.randn(1, 8, h, w)
-    fg = {"big": blob(h, w, 2, 11, 3, 13),            # several 4×4 windows inside: local + global
-          "small": blob(h, w, 5, 8, 5, 9),            # no 4×4 window ≥ 95 %: the reference's 'mask' mode
-          "gate": blob(h, w, 2, 6, 4, 12),            # 2×2 cells inside, no 4×4 one: 'mask' mode at test too
-          "empty_bg": torch.ones(1, 1, h, w)}[case]   # background empty: no background prototype at all
+    fg = {"big": blob(h, w, 2, 11, 3, 13),           # several 4×4 windows inside: local + global
+          "small": blob(h, w, 5, 8, 5, 9),           # no 4×4 window ≥ 95 %: the reference's 'mask' mode
+          "gate": blob(h, w, 2, 6, 4, 12),           # 2×2 cells inside, no 4×4 one: 'mask' mode at test too
+          "empty_bg": torch.ones(1, 1, h, w)}[case]  # background empty: no background prototype at all
     if case != "gate":  # soft edges, as after bilinear resizing
         fg = F.avg_pool2d(F.pad(fg, (1, 1, 1, 1), mode="replicate"), 3, 1)
     for window in (4, 2):   # training and test windows; the gate always looks at 4×4 (reference FG check)
@@ -141,9 +144,10 @@ def test_alp_score_equals_the_reference(case):
 
 
 def test_alp_score_by_hand():
-    """A 2×2 support map, 2 channels, window 1: the foreground row holds (1, 0) and (0.6, 0.8), the background
-    row (0, 1) twice; the query pixel is (1, 0). Foreground prototypes: the two pixels and their mean
-    (0.8, 0.4), cosines 1, 0.6, 0.8/√0.8, so scores s = 20·cos and Σ softmax(s)·s; background: cosine 0."""
+    """A 2×2 support map, 2 channels, window 1: the foreground row holds (1, 0) and (0.6, 0.8), the
+    background row (0, 1) twice; the query pixel is (1, 0). Foreground prototypes: the two pixels and
+    their mean (0.8, 0.4), cosines 1, 0.6, 0.8/√0.8, so scores s = 20·cos and Σ softmax(s)·s;
+    background: cosine 0."""
     sup = torch.tensor([[[1.0, 0.6], [0.0, 0.0]], [[0.0, 0.8], [1.0, 1.0]]])[None]      # (1, C=2, 2, 2)
     fg = torch.tensor([[1.0, 1.0], [0.0, 0.0]])[None, None]
     qry = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
@@ -191,15 +195,16 @@ def test_sampling_grid_matches_scipy_affine_transform():
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     shear = np.array([[1, -np.sin(ph)], [0, np.cos(ph)]])
     a_inv = np.linalg.inv(s * shear @ rot)
-    grid = ss.sampling_grid(23, 31, torch.tensor(a_inv[None], dtype=torch.float32), torch.tensor(t[None], dtype=torch.float32),
-                            torch.zeros(1, 2, 23, 31))
+    grid = ss.sampling_grid(23, 31, torch.tensor(a_inv[None], dtype=torch.float32),
+                            torch.tensor(t[None], dtype=torch.float32), torch.zeros(1, 2, 23, 31))
     got = F.grid_sample(torch.from_numpy(img)[None, None], grid, mode="bilinear", padding_mode="zeros",
                         align_corners=False)[0, 0].numpy()
     # scipy works in (row, col) = (y, x): swap the axes of the map, centre c = ((H-1)/2, (W-1)/2)
     swap = np.array([[0, 1], [1, 0]])
     m = swap @ a_inv @ swap
     c = np.array([(23 - 1) / 2, (31 - 1) / 2])
-    want = ndimage.affine_transform(img, m, offset=c - m @ (c + t[::-1]), order=1, mode="grid-constant", cval=0.0)
+    want = ndimage.affine_transform(img, m, offset=c - m @ (c + t[::-1]),
+                                    order=1, mode="grid-constant", cval=0.0)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -218,28 +223,32 @@ def test_sampling_grid_identity_and_displacement():
 @pytest.mark.parametrize("sigma", [5.0, 1.25])
 def test_elastic_smoothing_is_cv2s_gaussian_blur(sigma):
     x = torch.rand(3, 2, 40, 33, dtype=torch.float64)
-    r = (int(4 * sigma) | 1) // 2                    # cv2 ksize int(4σ)|1, BORDER_REFLECT_101 = scipy 'mirror'
+    r = (int(4 * sigma) | 1) // 2  # cv2 ksize int(4σ)|1, BORDER_REFLECT_101 = scipy 'mirror'
     want = np.stack([[ndimage.gaussian_filter(c.numpy(), sigma, mode="mirror", truncate=r / sigma) for c in v]
                      for v in x])
     got = ss.vqgan.gaussian_smooth(x, ss.vqgan.gaussian_kernel(sigma, r, x), pad="reflect")
     np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
 
 
-AUG = dict(rotate=5.0, shift=5.0, shear=5.0, scale=(0.9, 1.2), elastic_alpha=10.0, elastic_sigma=5.0, gamma=(0.5, 1.5))
+AUG = dict(rotate=5.0, shift=5.0, shear=5.0, scale=(0.9, 1.2), elastic_alpha=10.0, elastic_sigma=5.0,
+           gamma=(0.5, 1.5))
 
 
 def test_augment_identity_gamma_and_independence():
     torch.manual_seed(0)
     x, m = torch.randn(2, 1, 24, 24), (torch.rand(2, 1, 24, 24) > 0.5).float()
-    still = SimpleNamespace(**{**AUG, "rotate": 0.0, "shift": 0.0, "shear": 0.0, "scale": (1.0, 1.0), "elastic_alpha": 0.0})
+    still = SimpleNamespace(**{**AUG, "rotate": 0.0, "shift": 0.0, "shear": 0.0, "scale": (1.0, 1.0),
+                               "elastic_alpha": 0.0})
     for g in (1.0, 2.0):
-        y, mm = ss.augment(x, m, torch.Generator().manual_seed(0), SimpleNamespace(**{**vars(still), "gamma": (g, g)}))
+        y, mm = ss.augment(x, m, torch.Generator().manual_seed(0),
+                           SimpleNamespace(**{**vars(still), "gamma": (g, g)}))
         lo = x.amin((1, 2, 3), keepdim=True)
         rng = x.amax((1, 2, 3), keepdim=True) - lo + 1e-5
         torch.testing.assert_close(y, rng * ((x - lo + 1e-5) / rng) ** g + lo)   # augutils.py gamma_tansform
         assert torch.equal(mm, m)
     square = blob(24, 24, 8, 16, 8, 16).expand(2, -1, -1, -1)
-    y, mm = ss.augment(x[:1].expand(2, -1, -1, -1), square, torch.Generator().manual_seed(0), SimpleNamespace(**AUG))
+    y, mm = ss.augment(x[:1].expand(2, -1, -1, -1), square, torch.Generator().manual_seed(0),
+                       SimpleNamespace(**AUG))
     assert not torch.allclose(y[0], y[1]), "support and query get independent draws"
     for one in ({"rotate": 5.0}, {"gamma": (0.5, 1.5)}):   # each transform drawn per copy, not once per pair
         a = SimpleNamespace(**{**vars(still), "gamma": (1.0, 1.0), **one})
@@ -263,7 +272,8 @@ def test_sample_episode_draws_one_superpixel_reproducibly():
         b = ss.sample_episode(data, torch.Generator().manual_seed(seed), still)
         assert all(torch.equal(u, v) for u, v in zip(a, b))
         sup, sup_m, qry, qry_m = a
-        assert torch.equal(sup_m, qry_m) and sup_m.sum() == 128             # exactly one superpixel, half the slice
+        # exactly one superpixel, half the slice
+        assert torch.equal(sup_m, qry_m) and sup_m.sum() == 128
         seen.add(int(sup_m[0, 0, 0, 0]))
     assert seen == {0, 1}, "both superpixels get drawn"
 
@@ -287,10 +297,12 @@ def test_episodes_keep_their_foreground(small_prep, tmp_path):
     # pushes out; slice 1's is central. One draw fails half the time; the first good one of 12 is taken.
     imgs, sps = torch.zeros(2, 16, 16), torch.zeros(2, 16, 16, dtype=torch.int16)
     sps[0, :, 0], sps[1, 6:10, 6:10] = 1, 1
-    zoom = SimpleNamespace(**{**AUG, "rotate": 0.0, "shift": 0.0, "shear": 0.0, "scale": (1.2, 1.2), "elastic_alpha": 0.0})
-    empty = lambda tries: sum(min(m.sum() for m in ss.sample_episode((imgs, sps, torch.ones(2)),
-                                                                     torch.Generator().manual_seed(k), zoom, tries)[1::2]) == 0
-                              for k in range(40))
+    zoom = SimpleNamespace(**{**AUG, "rotate": 0.0, "shift": 0.0, "shear": 0.0, "scale": (1.2, 1.2),
+                              "elastic_alpha": 0.0})
+    empty = lambda tries: sum(
+        min(m.sum() for m in ss.sample_episode(
+            (imgs, sps, torch.ones(2)), torch.Generator().manual_seed(k), zoom, tries)[1::2]) == 0
+        for k in range(40))
     assert empty(1) > 10 and empty(12) == 0
 
 
@@ -298,7 +310,8 @@ def test_episodes_keep_their_foreground(small_prep, tmp_path):
 def test_window_and_superpixels_on_a_hand_made_slice():
     hu = (-1000.0, 400.0)
     to01 = lambda v: (np.asarray(v, np.float32) + 1000) / 1400
-    np.testing.assert_allclose(ss.to_window(to01([-1000, -125, 75, 275, 400]), hu, (-125, 275)), [0, 0, 0.5, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(ss.to_window(to01([-1000, -125, 75, 275, 400]), hu, (-125, 275)),
+                               [0, 0, 0.5, 1, 1], atol=1e-6)
     sl = np.full((48, 48), -1000.0)                   # air
     sl[6:42, 6:24], sl[6:42, 24:42] = 40.0, 200.0     # the body: two tissues
     sl[20:26, 10:16] = -1000.0                        # gas inside the body: a hole, filled by the body mask
@@ -353,30 +366,32 @@ def test_evaluate_uses_the_right_support_chunk_and_slice_range():
     args = SimpleNamespace(chunks=3, eval_batch=5, pool_test=1, pool_train=1, proto_thresh=0.95)
     prec = choose_precision("cpu")
     t = lambda a: torch.from_numpy(a)
-    out = ss.one_shot_dice(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img), q_lab)], {"pancreas": [4, 5], "liver": [1]},
-                      args, prec)
+    out = ss.one_shot_dice(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img), q_lab)],
+                           {"pancreas": [4, 5], "liver": [1]}, args, prec)
     tp = 9 * 16
     assert out["pancreas"]["q"] == pytest.approx(2 * tp / (2 * tp + 4))
     assert out["liver"] == {}, "an organ absent from the support is not scored"
     # shuffle the query's chunks: the organ is then missed wherever the chunk's support slice disagrees
     q_img2 = q_img.copy()
     q_img2[0:3][q_lab[0:3] == 4] = 5
-    out = ss.one_shot_dice(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img2), q_lab)], {"pancreas": [4]}, args, prec)
+    out = ss.one_shot_dice(OneHot(), ("s", t(s_img), s_lab), [("q", t(q_img2), q_lab)],
+                           {"pancreas": [4]}, args, prec)
     assert out["pancreas"]["q"] == pytest.approx(2 * (6 * 16) / (2 * 6 * 16 + 4 + 3 * 16))
 
 
-# --------------------------------------------------------------------------- training: resumable, deterministic
+# ------------------------------------------------------------------------ training: resumable, deterministic
 def tiny_data():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(6, 32, 32, generator=g)
-    sps = (torch.arange(32)[None, :, None] // 8 * 4 + torch.arange(32)[None, None, :] // 8 + 1).expand(6, 32, 32)
+    sps = (torch.arange(32)[None, :, None] // 8 * 4
+           + torch.arange(32)[None, None, :] // 8 + 1).expand(6, 32, 32)
     return imgs, sps.to(torch.int16).contiguous(), torch.full((6,), 16.0)
 
 
 def run_args(tmp_path, **kw):
     a = ss.get_args(["--backbone", "resnet18", "--channels", "16", "--iters", "4", "--save-every", "2",
-                     "--log-every", "1", "--pool-train", "1", "--lr-step", "2", "--shift", "1", "--elastic-sigma", "1.5",
-                     "--out", str(tmp_path)])
+                     "--log-every", "1", "--pool-train", "1", "--lr-step", "2", "--shift", "1",
+                     "--elastic-sigma", "1.5", "--out", str(tmp_path)])
     for k, v in kw.items():
         setattr(a, k, v)
     return a
@@ -384,9 +399,11 @@ def run_args(tmp_path, **kw):
 
 def test_train_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    prec, data = choose_precision("cpu"), tiny_data()
+    prec = choose_precision("cpu")
+    data = tiny_data()
     args = run_args(tmp_path)
-    ref, _ = ss.train_run(data, args, prec, torch.device("cpu"), 3, tmp_path / "a.pt", tmp_path / "a.csv", {"x": 1}, "fp", "a")
+    ref, _ = ss.train_run(data, args, prec, torch.device("cpu"), 3,
+                          tmp_path / "a.pt", tmp_path / "a.csv", {"x": 1}, "fp", "a")
     calls = {"n": 0}
     real_step = ss.train_step
 
@@ -398,19 +415,25 @@ def test_train_run_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ss, "train_step", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
-        ss.train_run(data, args, prec, torch.device("cpu"), 3, tmp_path / "b.pt", tmp_path / "b.csv", {"x": 1}, "fp", "b")
+        ss.train_run(data, args, prec, torch.device("cpu"), 3,
+                     tmp_path / "b.pt", tmp_path / "b.csv", {"x": 1}, "fp", "b")
     monkeypatch.setattr(ss, "train_step", real_step)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["iter"] == 2
-    got, stats = ss.train_run(data, args, prec, torch.device("cpu"), 3, tmp_path / "b.pt", tmp_path / "b.csv", {"x": 1}, "fp", "b")
+    got, stats = ss.train_run(data, args, prec, torch.device("cpu"), 3,
+                              tmp_path / "b.pt", tmp_path / "b.csv", {"x": 1}, "fp", "b")
     assert stats["resumed_at"] == 2
     for (k, v), w in zip(ref.state_dict().items(), got.state_dict().values()):
         assert torch.equal(v, w), f"{k} differs from the uninterrupted run"
     assert len((tmp_path / "b.csv").read_text().splitlines()) == 1 + 4, "one log, continued"
-    assert "optimizer" not in torch.load(tmp_path / "b.pt", weights_only=True), "a finished run keeps the network only"
-    again, stats = ss.train_run(data, args, prec, torch.device("cpu"), 3, tmp_path / "b.pt", tmp_path / "b.csv", {"x": 1}, "fp", "b")
-    assert stats["resumed_at"] == 4 and all(torch.equal(v, w) for v, w in zip(got.state_dict().values(), again.state_dict().values()))
+    assert "optimizer" not in torch.load(tmp_path / "b.pt", weights_only=True), (
+        "a finished run keeps the network only")
+    again, stats = ss.train_run(data, args, prec, torch.device("cpu"), 3,
+                                tmp_path / "b.pt", tmp_path / "b.csv", {"x": 1}, "fp", "b")
+    assert stats["resumed_at"] == 4 and all(
+        torch.equal(v, w) for v, w in zip(got.state_dict().values(), again.state_dict().values()))
     # other settings or other data: a fresh start, not a resume
-    _, stats = ss.train_run(data, args, prec, torch.device("cpu"), 3, tmp_path / "b.pt", tmp_path / "c.csv", {"x": 2}, "fp", "b")
+    _, stats = ss.train_run(data, args, prec, torch.device("cpu"), 3,
+                            tmp_path / "b.pt", tmp_path / "c.csv", {"x": 2}, "fp", "b")
     assert stats["resumed_at"] == 0
 
 
@@ -424,7 +447,8 @@ def test_train_step_never_waits_for_the_gpu(tmp_path):
     model = ss.SliceEncoder("resnet18", 16).to(dev).train()
     opt = torch.optim.SGD(model.parameters(), 1e-3, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.95)
-    gen, w = torch.Generator(device=dev).manual_seed(0), torch.tensor([0.05, 1.0], device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = torch.tensor([0.05, 1.0], device=dev)
     for _ in range(3):  # warm-up: cuDNN autotuning, allocator
         ss.train_step(model, data, gen, opt, sched, prec, w, args)
     torch.cuda.synchronize()
@@ -460,14 +484,16 @@ def run_cli(*argv):
 
 
 def test_cli_real_synthetic_mixed_resume_and_cache(small_prep, fake_samples, tmp_path):
-    torch.save({**ss.ResNet("resnet18").state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)},
+    torch.save({**ss.ResNet("resnet18").state_dict(), "fc.weight": torch.zeros(1000, 512),
+                "fc.bias": torch.zeros(1000)},
                tmp_path / "r18.pth")
     out = tmp_path / "ssl"
-    argv = ["--prep", str(small_prep), "--synthetic", f"syn={fake_samples}", "--out", str(out), "--backbone", "resnet18",
-            "--backbone-weights", str(tmp_path / "r18.pth"), "--channels", "32", "--iters", "3", "--runs", "1",
+    argv = ["--prep", str(small_prep), "--synthetic", f"syn={fake_samples}", "--out", str(out),
+            "--backbone", "resnet18", "--backbone-weights", str(tmp_path / "r18.pth"),
+            "--channels", "32", "--iters", "3", "--runs", "1",
             "--sp-min-size", "30", "--pool-train", "1", "--pool-test", "1", "--lr-step", "2", "--shift", "2",
-            "--elastic-alpha", "4", "--elastic-sigma", "2", "--log-every", "3", "--save-every", "3", "--eval-batch", "8",
-            "--mix-fraction", "0.5"]
+            "--elastic-alpha", "4", "--elastic-sigma", "2", "--log-every", "3", "--save-every", "3",
+            "--eval-batch", "8", "--mix-fraction", "0.5"]
     log = run_cli(*argv)
     assert "sample_00009.nii.gz: cannot read NIfTI" in log, log
     assert "[real/seed0] iteration 1 took" in log and "2 iterations more at this pace" in log, log
@@ -496,8 +522,8 @@ def test_cli_real_synthetic_mixed_resume_and_cache(small_prep, fake_samples, tmp
     assert "1 computed" in log and "[real] 1 run(s) recorded" in log
     assert "[synthetic-syn/seed0] iter 3/3" in log and "[mixed-syn/seed0] iter 3/3" in log
     # other settings need --overwrite
-    r = subprocess.run([sys.executable, str(REPO / "07_ssl_seg.py"), *argv, "--iters", "2"], capture_output=True,
-                       text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, str(REPO / "07_ssl_seg.py"), *argv, "--iters", "2"],
+                       capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and "iters" in r.stderr + r.stdout
 
 
@@ -524,29 +550,35 @@ def test_tiny_backbone_learns_on_phantoms(small_prep, tmp_path):
     split = json.loads((small_prep / "split.json").read_text())
     args = run_args(tmp_path, iters=300, lr=1e-2, lr_step=100, log_every=100, save_every=300, pool_test=1,
                     sp_min_size=100, shift=2.0, elastic_alpha=4.0, elastic_sigma=2.0, channels=256)
-    load = lambda c: ss.load_volume((small_prep / "images" / f"{c}.nii.gz", tmp_path / "sp" / f"{c}.npz", c, hu,
-                                     tuple(args.window), (args.sp_min_size, args.sp_sigma, args.sp_scale)))[:2]
+    load = lambda c: ss.load_volume(
+        (small_prep / "images" / f"{c}.nii.gz", tmp_path / "sp" / f"{c}.npz", c, hu,
+         tuple(args.window), (args.sp_min_size, args.sp_sigma, args.sp_scale)))[:2]
     train = [load(c) for c in split["train"]]
     vols = np.concatenate([v for v, _ in train])
     mean, std = vols.mean(), vols.std()
     as_data = lambda vs: (torch.from_numpy((np.concatenate([v for v, _ in vs]) - mean) / std),
                           torch.from_numpy(np.concatenate([s for _, s in vs])),
-                          torch.from_numpy(np.concatenate([s for _, s in vs]).reshape(-1, 96 * 96).max(1).astype(np.float32)))
+                          torch.from_numpy(np.concatenate([s for _, s in vs]).reshape(-1, 96 * 96)
+                                           .max(1).astype(np.float32)))
     data = as_data(train)
     held = as_data([load(c) for c in split["test"]])
     keep = held[2] >= 1
     held = tuple(t[keep] for t in held)
     gen = torch.Generator().manual_seed(123)
     episodes = [ss.sample_episode(held, gen, args) for _ in range(64)]
-    prec, cpu = choose_precision("cpu"), torch.device("cpu")
-    labelled = [(c, torch.from_numpy((ss.to_window(ss.xyz_to_dhw(read_nifti(small_prep / "images" / f"{c}.nii.gz")[0]), hu,
-                                                   args.window) - mean) / std),
+    prec = choose_precision("cpu")
+    cpu = torch.device("cpu")
+    labelled = [(c,
+                 torch.from_numpy(
+                     (ss.to_window(ss.xyz_to_dhw(read_nifti(small_prep / "images" / f"{c}.nii.gz")[0]),
+                                   hu, args.window) - mean) / std),
                  ss.xyz_to_dhw(read_nifti(small_prep / "labels" / f"{c}.nii.gz", None)[0]).astype(np.int64))
                 for c in split["test"]]
     figures = {}
     for name, iters in [("untrained", 0), ("trained", args.iters)]:
         args.iters = iters
-        model, _ = ss.train_run(data, args, prec, cpu, 0, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", {}, "", name)
+        model, _ = ss.train_run(data, args, prec, cpu, 0,
+                                tmp_path / f"{name}.pt", tmp_path / f"{name}.csv", {}, "", name)
         organ = ss.one_shot_dice(model, labelled[0], labelled[1:], args.organs, args, prec)
         figures[name] = (episode_dice(model, episodes, args),
                          {o: round(float(np.mean(list(d.values()))), 3) for o, d in organ.items() if d})

@@ -48,7 +48,10 @@ def test_codebook_ema_update_and_restart_by_hand():
     torch.manual_seed(0)
     cb = vq.Codebook(n_codes=4, dim=2, decay=0.99, restart_threshold=1.0)
     emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
-    cb.embeddings.copy_(emb), cb.z_avg.copy_(emb), cb.N.fill_(1.0), cb.initialized.fill_(True)
+    cb.embeddings.copy_(emb)
+    cb.z_avg.copy_(emb)
+    cb.N.fill_(1.0)
+    cb.initialized.fill_(True)
     cb._need_init = False
     flat = torch.tensor([[0.1, 0.0], [0.9, 0.1], [1.1, -0.1], [0.0, 0.8], [0.2, 1.1], [-0.1, 0.1]])
     z = flat.T.reshape(1, 2, 1, 1, 6)  # (B, C, D, H, W): the six vectors along W
@@ -129,8 +132,8 @@ def test_locality_loss_equals_explicit_crops():
 
 
 def test_metrics_in_closed_form():
-    # float64: the variance of a constant, E[a²] − E[a]², cancels to float32 rounding noise (≈ 2e-5 in SSIM),
-    # which depends on the CPU's convolution kernels
+    # float64: the variance of a constant, E[a²] − E[a]², cancels to float32 rounding noise
+    # (≈ 2e-5 in SSIM), which depends on the CPU's convolution kernels
     a = torch.full((1, 1, 12, 16, 16), 0.3, dtype=torch.float64)
     b = torch.full((1, 1, 12, 16, 16), 0.5, dtype=torch.float64)
     c1 = 0.01**2
@@ -143,13 +146,15 @@ def test_metrics_in_closed_form():
     m[..., :4, :4, :4] = True
     y = x.clone()
     y[~m] += 0.5
-    assert vq.psnr(x, y, m) > 100 and abs(vq.psnr(x, y) - 10 * np.log10(1 / (0.25 * (~m).float().mean().item()))) < 1e-3
+    assert (vq.psnr(x, y, m) > 100
+            and abs(vq.psnr(x, y) - 10 * np.log10(1 / (0.25 * (~m).float().mean().item()))) < 1e-3)
 
 
 def vgg_and_lin_tables():
     """torchvision VGG16 `features` and LPIPS v0.1 linear-layer names and shapes, written out."""
-    convs = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256), 14: (256, 256),
-             17: (512, 256), 19: (512, 512), 21: (512, 512), 24: (512, 512), 26: (512, 512), 28: (512, 512)}
+    convs = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),
+             14: (256, 256), 17: (512, 256), 19: (512, 512), 21: (512, 512), 24: (512, 512),
+             26: (512, 512), 28: (512, 512)}
     vgg = {}
     for i, (o, c) in convs.items():
         vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"] = (o, c, 3, 3), (o,)
@@ -161,7 +166,8 @@ def vgg_and_lin_tables():
 def test_lpips_loads_torchvision_and_lpips_files(tmp_path, monkeypatch):
     vgg, lin = vgg_and_lin_tables()
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randn(s, generator=g) * 0.05 for k, s in vgg.items()}, tmp_path / "vgg16-397923af.pth")
+    torch.save({k: torch.randn(s, generator=g) * 0.05 for k, s in vgg.items()},
+               tmp_path / "vgg16-397923af.pth")
     torch.save({k: torch.rand(s, generator=g) for k, s in lin.items()}, tmp_path / "vgg.pth")
     model = vq.load_lpips(str(tmp_path))
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
@@ -177,8 +183,10 @@ def test_lpips_loads_torchvision_and_lpips_files(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="cannot get the LPIPS/VGG16 weights"):
         vq.load_lpips("auto")
     # the paper's default weight without weight files: a clear error before any work
-    r = subprocess.run([sys.executable, str(REPO / "03_vqgan.py"), "--prep", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode != 0 and "--perceptual-weights DIR" in r.stderr and "--perceptual-weight 0" in r.stderr
+    r = subprocess.run([sys.executable, str(REPO / "03_vqgan.py"), "--prep", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert (r.returncode != 0 and "--perceptual-weights DIR" in r.stderr
+            and "--perceptual-weight 0" in r.stderr)
 
 
 def two_phantom_volumes(small_prep):
@@ -188,7 +196,8 @@ def two_phantom_volumes(small_prep):
     return x[:, :, :, 24:72, 24:72].contiguous()  # (2, 1, 16, 48, 48), the abdomen's centre
 
 
-@pytest.mark.slow  # 90 s on 2 cores; `make demo` checks the same at a larger scale in CI (held-out PSNR >= 20 dB)
+# 90 s on 2 cores; `make demo` checks the same at a larger scale in CI (held-out PSNR >= 20 dB)
+@pytest.mark.slow
 def test_tiny_model_overfits_two_phantoms(small_prep):
     torch.manual_seed(0)
     x = two_phantom_volumes(small_prep)
@@ -208,9 +217,10 @@ def test_tiny_model_overfits_two_phantoms(small_prep):
 
 
 def train_cmd(prep, out, *extra):
-    return [sys.executable, str(REPO / "03_vqgan.py"), "--prep", str(prep), "--out", str(out), "--n-hiddens", "8",
-            "--num-groups", "8", "--n-codes", "32", "--disc-channels", "8", "--perceptual-weight", "0",
-            "--disc-start", "3", "--batch-size", "2", "--log-every", "1", "--save-every", "4", "--device", "cpu", *extra]
+    return [sys.executable, str(REPO / "03_vqgan.py"), "--prep", str(prep), "--out", str(out),
+            "--n-hiddens", "8", "--num-groups", "8", "--n-codes", "32", "--disc-channels", "8",
+            "--perceptual-weight", "0", "--disc-start", "3", "--batch-size", "2", "--log-every", "1",
+            "--save-every", "4", "--device", "cpu", *extra]
 
 
 def read_log(path):
@@ -258,9 +268,13 @@ def test_ddp_two_gloo_processes_agree(tmp_path, masked_prep):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port),
                *train_cmd(masked_prep, tmp_path / "ddp", "--steps", "4", "--fresh")[1:]]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
     r = launch()
-    if r.returncode != 0 and any(m in r.stderr for m in ("Address already in use", "Connection refused", "RendezvousError")):
-        r = launch()  # set-up of the process group only (a port taken meanwhile); a training failure is not retried
+    if r.returncode != 0 and any(
+            m in r.stderr for m in ("Address already in use", "Connection refused", "RendezvousError")):
+        # set-up of the process group only (a port taken meanwhile); a training failure is not retried
+        r = launch()
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[:6000]
-    assert "2 process(es)" in r.stdout and "DDP check: max weight difference across 2 ranks = 0" in r.stdout, r.stdout
+    assert ("2 process(es)" in r.stdout
+            and "DDP check: max weight difference across 2 ranks = 0" in r.stdout), r.stdout
