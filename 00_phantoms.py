@@ -9,16 +9,15 @@ Reads nothing. Writes, per case (AbdomenCT-1K naming and label convention):
 With --layout totalseg, TotalSegmentator's layout instead (for 01_preprocess.py --totalseg):
     DIR/sNNNN/ct.nii.gz, DIR/sNNNN/segmentations/{liver,spleen,kidney_right,kidney_left,pancreas}.nii.gz
 
-Each case is an upper-abdomen slab built in world millimetres (RAS+): body outline with
-subcutaneous fat, abdominal wall muscle and visceral fat; spine (vertebral body, canal,
-posterior elements), paraspinal and psoas muscles, ribs; liver on the patient's right,
-spleen and stomach on the left, both kidneys with renal sinus fat, aorta and IVC, a pancreas
-whose head, body and tail cross the midline in front of the aorta with the splenic vein
-behind it, bowel loops with gas, and the scanner table. Shapes, sizes and positions vary per
-case (random offsets plus a smooth random deformation field); voxel spacing is anisotropic
-and varies per case, and so does the z extent. Intensities get partial-volume blur and
-correlated noise. Files are stored the way DICOM converters usually write them (x and y
-flipped, an LPS-like affine), so the next stage's reorientation to RAS is exercised.
+Each case is an upper-abdomen slab built in world millimetres (RAS+): body outline with subcutaneous
+fat, abdominal wall muscle and visceral fat; spine (vertebral body, canal, posterior elements),
+paraspinal and psoas muscles, ribs; liver on the patient's right, spleen and stomach on the left,
+both kidneys with renal sinus fat, aorta and IVC, a pancreas whose head, body and tail cross the
+midline in front of the aorta with the splenic vein behind it, bowel loops with gas, and the
+scanner table. Shapes, sizes and positions vary per case (random offsets plus a smooth random
+deformation field), as do the anisotropic voxel spacing and the z extent. Intensities get
+partial-volume blur and correlated noise. Files are stored as DICOM converters usually write them
+(x and y flipped, an LPS-like affine), so the next stage's reorientation to RAS is exercised.
 
 Deterministic: case k of seed s is the same whatever --n is.
 
@@ -41,28 +40,24 @@ MANIFEST = "phantoms.json"
 
 def get_args(argv=None):
     p = ArgumentParser(__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("data/raw"),
-                   help="output root (images/, labels/ below it)")
+    p.add_argument("--out", type=Path, default=Path("data/raw"), help="root of images/, labels/")
     p.add_argument("--n", type=at_least(1), default=20, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (case k depends only on seed and k)")
     mm = at_least(0.1, float)
     p.add_argument("--spacing-xy", type=mm, nargs=2, default=(1.6, 2.2), metavar=("MIN", "MAX"),
-                   help="in-plane voxel size range, mm (real CT is 0.6-0.9; phantoms are coarser "
-                        "to stay fast)")
+                   help="in-plane voxel size range, mm (real CT: 0.6-0.9; coarser here for speed)")
     p.add_argument("--spacing-z", type=mm, nargs=2, default=(2.5, 5.0), metavar=("MIN", "MAX"),
                    help="slice spacing range, mm")
     p.add_argument("--z-extent", type=mm, nargs=2, default=(70.0, 200.0), metavar=("MIN", "MAX"),
                    help="scanned length range, mm (short ones exercise padding to 32 slices)")
     p.add_argument("--tumour-fraction", type=in_range(0, 1), default=0.35,
                    help="fraction of cases with a pancreatic tumour (label 5)")
-    p.add_argument("--previews", type=at_least(0), default=2,
-                   help="write a preview PNG for the first N cases")
+    p.add_argument("--previews", type=at_least(0), default=2, help="PNG previews of first N cases")
     p.add_argument("--layout", choices=["abdomenct1k", "totalseg"], default="abdomenct1k",
                    help="abdomenct1k: images/ + labels/ as above; totalseg: TotalSegmentator's "
                         "folders, sNNNN/ct.nii.gz + sNNNN/segmentations/<organ>.nii.gz (no tumour "
                         "file: TotalSegmentator labels none, so a tumour is part of the pancreas)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow replacing files that this script did not write")
+    p.add_argument("--overwrite", action="store_true", help="may replace files 00 did not write")
     args = p.parse_args(argv)
     for flag in ("--spacing-xy", "--spacing-z", "--z-extent"):
         check_order(p, args, flag, strict=False)
@@ -71,8 +66,7 @@ def get_args(argv=None):
 
 # --------------------------------------------------------------------------- helpers
 def smooth_field(rng, shape, n_ctrl, amplitude):
-    """A smooth random scalar field on `shape`: Gaussian bumps on an n_ctrl control grid,
-    combined separably (three small matrix products, so it costs next to nothing)."""
+    """Smooth random field on `shape`: Gaussian bumps on an n_ctrl grid, separable, so cheap."""
     g = rng.normal(0.0, amplitude, n_ctrl)
     for axis, (n, k) in enumerate(zip(shape, n_ctrl)):
         t = np.linspace(0, 1, n)[:, None]
@@ -84,11 +78,8 @@ def smooth_field(rng, shape, n_ctrl, amplitude):
 
 
 class Canvas:
-    """HU and label volumes on a world grid, with deformed coordinates for shape tests.
-
-    paint(region, value, label) writes inside a region given as (index slices, bool mask);
-    later paints cover earlier ones, exactly as tissues overlap in the body."""
-
+    """HU and label volumes on a world grid, with deformed coordinates for shape tests. paint()
+    fills a region (index slices, bool mask); later paints cover earlier ones (tissues overlap)."""
     def __init__(self, origin, spacing, shape, deform):
         self.origin = np.asarray(origin)
         self.spacing = np.asarray(spacing)
@@ -110,10 +101,9 @@ class Canvas:
 
     def coords(self, sl):
         """Deformed world coordinates (mm) of the voxels in `sl`, each (x, y, z)-shaped."""
-        x = self.axes[0][sl[0], None, None] + self.deform[0][sl]
-        y = self.axes[1][None, sl[1], None] + self.deform[1][sl]
-        z = self.axes[2][None, None, sl[2]] + self.deform[2][sl]
-        return x, y, z
+        return (self.axes[0][sl[0], None, None] + self.deform[0][sl],
+                self.axes[1][None, sl[1], None] + self.deform[1][sl],
+                self.axes[2][None, None, sl[2]] + self.deform[2][sl])
 
     def ellipsoid(self, c, r, z=True):
         """Region inside the ellipsoid centre c, semi-axes r (mm); z=False: an infinite cylinder."""
@@ -196,8 +186,7 @@ def make_case(seed, index, args):
     vx = bx + u(-4, 4)
     for s in (-1, 1):  # paraspinal muscles, then psoas growing towards the pelvis
         cv.paint(cv.ellipsoid([vx + s * 32, vy - 42, 0], [24, 20, 0], z=False), u(40, 55))
-        sl, m = cv.ellipsoid([vx + s * 38, vy + 6, -80], [18, 16, 75])
-        cv.paint((sl, m), u(40, 55), within=cavity)
+        cv.paint(cv.ellipsoid([vx + s * 38, vy + 6, -80], [18, 16, 75]), u(40, 55), within=cavity)
 
     # Bowel loops: soft-tissue loops, some with gas, mostly anterior and inferior.
     for _ in range(int(rng.integers(8, 15))):
@@ -285,8 +274,7 @@ def make_case(seed, index, args):
 
 
 def to_lps_storage(data, affine):
-    """Flip x and y (and adjust the affine) as DICOM converters usually store CT: same world
-    positions, different array order. 01 must undo this by reorienting to RAS."""
+    """Flip x and y and adjust the affine (same world positions) as DICOM converters store CT."""
     nx, ny = data.shape[:2]
     flip = np.array([[-1, 0, 0, nx - 1], [0, -1, 0, ny - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
     return np.ascontiguousarray(data[::-1, ::-1]), affine @ flip
@@ -346,22 +334,21 @@ def main(args):
     ours = set(manifest.get("cases", []))
 
     t0 = time.perf_counter()
-    stats = []
+    n_tumour = 0
     for k, name in enumerate(names, start=1):
         tc = time.perf_counter()
         hu, lab, affine = make_case(args.seed, k, args)
         img_disk, aff_disk = to_lps_storage(hu, affine)
-        paths = case_files(out, name, args.layout)
-        write_nifti(paths[0], img_disk, aff_disk, np.int16)
+        written = case_files(out, name, args.layout)
+        write_nifti(written[0], img_disk, aff_disk, np.int16)
         if args.layout == "abdomenct1k":
-            write_nifti(paths[1], to_lps_storage(lab, affine)[0], aff_disk, np.uint8)
+            write_nifti(written[1], to_lps_storage(lab, affine)[0], aff_disk, np.uint8)
         else:
             for organ, binary in totalseg_masks(lab).items():
                 write_nifti(out / name / "segmentations" / f"{organ}.nii.gz",
                             to_lps_storage(binary, affine)[0], aff_disk, np.uint8)
-        written = case_files(out, name, args.layout)
+        sp = np.abs(np.diag(affine)[:3])
         if k <= args.previews:
-            sp = np.abs(np.diag(affine)[:3])
             written.append(out / "previews" / f"{name}.png")
             save_preview(written[-1], xyz_to_dhw(hu), xyz_to_dhw(lab), name,
                          spacing=(sp[2], sp[1], sp[0]), vrange=(-250, 350))
@@ -371,12 +358,11 @@ def main(args):
         save_json({"seed": args.seed, "layout": args.layout, "cases": sorted(ours), "files": files,
                    "written_by": "00_phantoms.py"}, manifest_path)
         present = [int(v) for v in np.unique(lab) if v]
-        stats.append((name, hu.shape, np.abs(np.diag(affine)[:3]), present, time.perf_counter() - tc))
-        print(f"{name}: shape {hu.shape}, spacing {np.round(stats[-1][2], 2).tolist()} mm, "
-              f"labels {present}, {stats[-1][4]:.2f} s", flush=True)
+        n_tumour += TUMOUR in present
+        print(f"{name}: shape {hu.shape}, spacing {np.round(sp, 2).tolist()} mm, "
+              f"labels {present}, {time.perf_counter() - tc:.2f} s", flush=True)
 
     dt = time.perf_counter() - t0
-    n_tumour = sum(TUMOUR in s[3] for s in stats)
     where = (f"{out}/images and {out}/labels" if args.layout == "abdomenct1k"
              else f"{out}/<subject>/ (TotalSegmentator)")
     print(f"\nwrote {len(names)} phantom cases ({n_tumour} with a tumour) to {where} "

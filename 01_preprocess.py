@@ -10,14 +10,13 @@ Reads a folder of NIfTI CT with optional label maps, writes to --out (default da
     cases/<case>.json       the same per-case record, written as each case finishes (resume)
     config.json             the settings; a rerun with other settings needs --overwrite or a new --out
 
-Per case: reorient to RAS; map labels to the target ids; resample to the target spacing
-(image linear or cubic, labels nearest); pick the 32-slice window with the most organ voxels
-(the release's rule) or, with --windows all, every window containing the organ; crop/pad
-height and width to 256 around the body (air padding); clip HU to [-1000, 400] and map to
-[0, 1]. Every output carries an affine that puts each voxel where it was in the source scan,
-so outputs overlay the original CT in a viewer. A bad case (unreadable, 4-D, NaN, shape or
-affine mismatch, empty labels, ...) is reported in summary.json and skipped; the input folder
-is only read.
+Per case: reorient to RAS; map labels to the target ids; resample to the target spacing (image
+linear or cubic, labels nearest); pick the 32-slice window with the most organ voxels (the release's
+rule) or, with --windows all, every window containing the organ; crop/pad height and width to 256
+around the body (air padding); clip HU to [-1000, 400] and map to [0, 1]. Every output carries an
+affine that puts each voxel where it was in the source scan, so outputs overlay the original CT in a
+viewer. A bad case (unreadable, 4-D, NaN, shape or affine mismatch, empty labels, ...) is reported
+in summary.json and skipped; the input folder is only read.
 
     python 01_preprocess.py                                                  # data/raw -> data/prep
     python 01_preprocess.py --images AbdomenCT-1K/Image --labels AbdomenCT-1K/Mask --out data/prep
@@ -111,8 +110,7 @@ def get_args(argv=None):
                      help="write a preview PNG per output")
     out.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1),
                      help="parallel processes over cases")
-    out.add_argument("--overwrite", action="store_true",
-                     help="redo cases already done (and accept changed settings)")
+    out.add_argument("--overwrite", action="store_true", help="redo done cases; allow new settings")
     out.add_argument("--max-gb", type=at_least(0.001, float), default=2.0,
                      help="largest input volume, GiB of voxel data as its header states (checked before "
                           "reading, so a damaged or crafted file cannot fill the memory)")
@@ -125,8 +123,7 @@ def get_args(argv=None):
     preset = PRESETS[args.dataset or ("totalseg" if args.totalseg else "abdomenct1k")]
     args.spacing = tuple(args.spacing or preset["spacing"])
     args.label_map = parse_label_map(args.label_map if args.label_map is not None else preset["label_map"])
-    args.require_organs = [int(t) if t.strip().isdigit() else ORGANS[t.strip()]
-                           for t in args.require_organs.split(",") if t.strip()]
+    args.require_organs = [int(t) if t.isdigit() else ORGANS[t] for t in wanted]
     return args
 
 
@@ -262,11 +259,9 @@ def map_labels(lab, label_map):
 
 # --------------------------------------------------------------------------- geometry
 def resample_grid(shape, affine, spacing):
-    """Output shape and affine for resampling to `spacing` with the first voxel centre fixed.
-
-    Output voxel i sits at input index i * ratio (ratio = out/in spacing per axis), so
-    affine_out = affine_in @ diag(ratio, 1): same origin, same orientation, new voxel size.
-    """
+    """Output shape, ratio and affine for resampling to `spacing`, first voxel centre fixed: output
+    voxel i sits at input index i * ratio (ratio = out/in spacing per axis), so affine_out =
+    affine_in @ diag(ratio, 1): same origin, same orientation, new voxel size."""
     ratio = np.asarray(spacing, float) / spacing_of(affine)
     n_out = tuple(int(np.floor((n - 1) / r + 1e-6)) + 1 for n, r in zip(shape, ratio))
     return n_out, ratio, affine @ np.diag([*ratio, 1.0])
@@ -284,29 +279,25 @@ def resample_image(img, ratio, n_out, z_range, order):
     z0, z1 = z_range
     lo = max(int(np.floor(z0 * ratio[2])) - 3, 0)  # crop the input to what these slices touch
     hi = min(int(np.ceil((z1 - 1) * ratio[2])) + 4, img.shape[2])
-    sub = img[:, :, lo:hi]
-    return ndimage.affine_transform(sub, ratio, offset=(0.0, 0.0, z0 * ratio[2] - lo),
+    return ndimage.affine_transform(img[:, :, lo:hi], ratio, offset=(0.0, 0.0, z0 * ratio[2] - lo),
                                     output_shape=(n_out[0], n_out[1], z1 - z0), order=order,
                                     mode="nearest", prefilter=order > 1).astype(np.float32)
 
 
 def choose_windows(counts, depth, mode="best", stride=1):
-    """Window starts along z. counts[z] = organ voxels in slice z (resampled grid).
+    """Window starts along z; counts[z] = organ voxels in slice z (resampled grid).
 
-    best: the start with the most organ voxels in [start, start + depth); ties (an organ
-    shorter than the window) go to the window centred closest to the organ's centre.
-    all: every start (step `stride`) whose window holds any organ voxel.
-    No organ voxels: the central window. A volume shorter than `depth` gives one window
-    starting below 0 (padded on both sides).
-    """
+    best: the start with the most organ voxels in [start, start + depth); ties (an organ shorter
+    than the window) go to the window centred closest to the organ's centre. all: every start
+    (step `stride`) whose window holds any organ voxel. No organ voxels: the central window. A
+    volume shorter than `depth` gives one window starting below 0 (padded on both sides)."""
     n = len(counts)
     if n <= depth:
         return [-((depth - n) // 2)]
     sums = np.convolve(counts, np.ones(depth, int), "valid")  # sums[s] = counts[s:s+depth].sum()
     if mode == "all":
         return [s for s in range(0, n - depth + 1, stride) if sums[s] > 0]
-    centre = ((np.arange(n) * counts).sum() / counts.sum() if counts.sum()
-              else (n - 1) / 2)  # no organ: central
+    centre = (np.arange(n) * counts).sum() / counts.sum() if counts.sum() else (n - 1) / 2
     best = np.flatnonzero(sums == sums.max())
     return [int(best[np.argmin(np.abs(best + (depth - 1) / 2 - centre))])]
 
@@ -419,7 +410,6 @@ def _process(spec, cfg, warnings):
             raise CaseError(f"organ label {cfg['organ']} ({name}) is not in the label map")
         starts = choose_windows(counts, depth, cfg["windows"], cfg["window_stride"])
     else:
-        counts = None
         starts = choose_windows(np.zeros(n_out[2], int), depth)
 
     z0, z1 = max(min(starts), 0), min(max(starts) + depth, n_out[2])
@@ -428,8 +418,7 @@ def _process(spec, cfg, warnings):
     lo, hi = cfg["hu"]
     outputs, windows = [], []
     for s in starts:
-        sub = crop_pad(slab, (0, 0, s - z0), (n_out[0], n_out[1], depth), -1000.0)
-        cx, cy = body_centre(sub)
+        cx, cy = body_centre(crop_pad(slab, (0, 0, s - z0), (n_out[0], n_out[1], depth), -1000.0))
         start = (int(round(cx - (size - 1) / 2)), int(round(cy - (size - 1) / 2)), s)
         image = window_hu(crop_pad(slab, (start[0], start[1], s - z0), (size, size, depth), -1000.0), lo, hi)
         affine = translate(aff_res, start)
@@ -489,10 +478,9 @@ def is_done(rec, spec, cfg, out):
 
 
 def run_cases(todo, job, workers, done):
-    """process_case for each spec, in `workers` processes; done(record) as each finishes.
-
-    A worker that dies (killed for lack of memory, say) breaks the whole pool; the cases not
-    finished then run again one per fresh process, so a death costs only the case that caused it."""
+    """process_case for each spec, in `workers` processes; done(record) as each finishes. A worker
+    that dies (killed for lack of memory, say) breaks the whole pool; the cases not finished then
+    run again one per fresh process, so a death costs only the case that caused it."""
     if workers == 1 or len(todo) == 1:
         for spec in todo:
             done(process_case(spec, job))

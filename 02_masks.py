@@ -12,23 +12,19 @@ Writes --prep/masks/:
 Lad's three phases all read this mask: it marks where the locality loss looks (03), what the
 condition extractor encodes (04), and what the sampler augments (05).
 
---method labels     masks straight from the label maps (--organ 4, --tumour 5; any ids).
-                    This is the CPU demo's method, and the default: it needs no weights and
-                    runs offline.
---method universeg  the paper's priori: UniverSeg (Butoi et al. 2023), a 2-D in-context
-                    segmenter, applied slice by slice. Its support set is labelled slices
-                    from --support-split (default test: as in the paper, the labelled cases
-                    are held out for testing, and masks are predicted for the training cases
-                    as if unlabelled). Organ and tumour are two binary tasks; tumour overrides
-                    organ. Weights: --weights PATH, or --weights auto to download the
-                    official file (research-only model licence). The authors' release in
-                    fact used masks from another model (UniSeg); the paper calls mask
-                    precision "insignificant": the mask says where to look.
---tumour-support D  AbdomenCT-1K and TotalSegmentator label no tumour, so UniverSeg's tumour
-                    task would have no example and the masks no label 2 (the release's have
-                    it). D is another labelled set through 01 (MSD Task07 Pancreas, labels
-                    1:4,2:5) whose cases give the tumour task its support slices. A mask set
-                    without any tumour is announced in the output and in summary.json.
+--method labels     (the default and the CPU demo's: no weights, offline) masks straight from the
+                    label maps (--organ 4, --tumour 5; any ids).
+--method universeg  the paper's priori: UniverSeg (Butoi et al. 2023), a 2-D in-context segmenter,
+                    slice by slice, with support slices from the labelled cases of --support-split
+                    (default test: as in the paper, labelled cases are held out for testing and
+                    training cases masked as if unlabelled). Organ and tumour are two binary tasks;
+                    tumour overrides organ. --weights PATH, or auto to download the official file
+                    (research-only licence). The authors' release in fact used UniSeg's masks; the
+                    paper calls mask precision "insignificant": the mask says where to look.
+--tumour-support D  another labelled set through 01 (MSD Task07 Pancreas, labels 1:4,2:5) giving
+                    UniverSeg's tumour task its support slices: AbdomenCT-1K and TotalSegmentator
+                    label no tumour, so without D the task has no example and the masks no label 2
+                    (the release's do). A tumour-free set is flagged in the output and summary.json.
 
     python 02_masks.py                                          # labels -> data/prep/masks
     python 02_masks.py --method universeg --weights auto        # the paper's priori (GPU advised)
@@ -64,20 +60,17 @@ def get_args(argv=None):
     p.add_argument("--prep", type=Path, default=Path("data/prep"), help="01_preprocess.py output folder")
     p.add_argument("--method", choices=["labels", "universeg"], default="labels",
                    help="labels: from the label maps; universeg: predicted, as in the paper (§3.1)")
-    p.add_argument("--organ", default="4",
-                   help="label id(s) that become mask 1, comma-separated (4 = pancreas)")
-    p.add_argument("--tumour", default="5",
-                   help="label id(s) that become mask 2, comma-separated ('' = none)")
+    p.add_argument("--organ", default="4", help="mask 1's label ids, comma-separated (4: pancreas)")
+    p.add_argument("--tumour", default="5", help="mask 2's label ids, comma-separated ('' = none)")
     u = p.add_argument_group("universeg")
     u.add_argument("--weights", default=None,
                    help="UniverSeg state_dict file, or 'auto' to download the official weights")
     u.add_argument("--support-split", choices=["test", "train", "all"], default="test",
                    help="labelled cases the support slices come from (paper: the held-out labelled cases)")
     u.add_argument("--tumour-support", type=Path, default=None,
-                   help="a 01_preprocess.py output folder of another labelled set whose labels hold "
-                        "tumours (MSD Task07 Pancreas, labels mapped 1:4,2:5): the tumour task's support "
-                        "slices come from all of its cases. AbdomenCT-1K and TotalSegmentator label no "
-                        "tumour, so without it no tumour is predicted there")
+                   help="01 output of another labelled set with tumours (MSD Task07 Pancreas, "
+                        "labels 1:4,2:5): its cases give the tumour support slices. AbdomenCT-1K "
+                        "and TotalSegmentator label no tumour: without it none is predicted there")
     u.add_argument("--support-size", type=at_least(1), default=64,
                    help="support slices per prediction (UniverSeg v1 used 64)")
     u.add_argument("--ensemble", type=at_least(1), default=1,
@@ -85,12 +78,10 @@ def get_args(argv=None):
     u.add_argument("--batch", type=at_least(1), default=4,
                    help="target slices per forward pass (memory grows with batch × support)")
     u.add_argument("--resolution", type=at_least(8), default=128,
-                   help="slice size the model sees (UniverSeg v1 was trained at 128; smaller only for "
-                        "quick tests)")
+                   help="slice size the model sees (v1 trained at 128; smaller for quick tests)")
     u.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--largest-component", action="store_true",
-                   help="post-processing: keep only the largest 3-D connected component of the mask "
-                        "(organ + tumour)")
+                   help="keep only the mask's largest 3-D connected component (organ + tumour)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support sampling")
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
                    help="write a preview PNG per case")
@@ -118,7 +109,6 @@ def get_args(argv=None):
 # its state_dict loads with strict=True (44 tensors, 1,182,785 parameters; docs/reference.md §5).
 class ConvAct(nn.Module):
     """Conv2d ('same' zero padding) + optional LeakyReLU(0.01)."""
-
     def __init__(self, cin, cout, kernel=3, act=True):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
@@ -131,7 +121,6 @@ class ConvAct(nn.Module):
 
 class PerItem(nn.Module):
     """Apply a 2-D module to each item of a (B, S, C, H, W) stack (the official `Vmap`)."""
-
     def __init__(self, module):
         super().__init__()
         self.vmapped = module
@@ -141,12 +130,9 @@ class PerItem(nn.Module):
 
 
 class CrossConv(nn.Module):
-    """One 3×3 conv over concat(target, support_j) for every support j:
-    (B,1,Ct,H,W), (B,S,Cs,H,W) -> (B,S,F,H,W).
-
-    A conv is linear in its input channels, so conv([t, s_j]) = conv_t(t) + conv_s(s_j): we
-    run the target half once instead of S times. The maths is the official one, with less work."""
-
+    """One 3×3 conv over concat(target, support_j) for every support j: (B,1,Ct,H,W), (B,S,Cs,H,W)
+    -> (B,S,F,H,W). A conv is linear in its input channels, so conv([t, s_j]) = conv_t(t) +
+    conv_s(s_j): the target half runs once instead of S times (the official maths, less work)."""
     def __init__(self, target_ch, support_ch, features):
         super().__init__()
         self.target_ch = target_ch
@@ -161,7 +147,6 @@ class CrossConv(nn.Module):
 
 class CrossBlock(nn.Module):
     """Cross conv (no activation) -> target = mean over supports -> separate conv+LeakyReLU for each."""
-
     def __init__(self, target_ch, support_ch, features):
         super().__init__()
         self.cross = CrossConv(target_ch, support_ch, features)
@@ -176,20 +161,16 @@ class CrossBlock(nn.Module):
 class UniverSeg(nn.Module):
     """UniverSeg v1: target (B,1,H,W) in [0,1], supports (B,S,1,H,W) images and labels -> logits (B,1,H,W).
 
-    U-Net of CrossBlocks; max-pool 2 between encoder blocks, bilinear upsampling
-    (align_corners=True) and skip concatenation in the decoder, 1×1 output conv. The
-    prediction does not depend on the order of the support set (mean over supports)."""
-
+    U-Net of CrossBlocks; encoder: max-pool 2 between blocks; decoder: bilinear upsampling
+    (align_corners=True), skip concatenation; 1×1 output conv. Invariant to support order (mean)."""
     def __init__(self, encoder=(64, 64, 64, 64), decoder=(64, 64, 64)):
         super().__init__()
         self.enc_blocks, self.dec_blocks = nn.ModuleList(), nn.ModuleList()
         ct, cs = 1, 2  # target: image; support: image + label
-        skips = []
         for f in encoder:
             self.enc_blocks.append(CrossBlock(ct, cs, f))
             ct = cs = f
-            skips.append(f)
-        for f, skip in zip(decoder, skips[-2::-1]):
+        for f, skip in zip(decoder, encoder[-2::-1]):  # skips: every encoder level but the last
             self.dec_blocks.append(CrossBlock(ct + skip, cs + skip, f))
             ct = cs = f
         self.out_conv = ConvAct(ct, 1, kernel=1, act=False)
@@ -265,9 +246,7 @@ def to_model_labels(binary, size=128):
 
 class SupportPool:
     """Labelled slices the support sets are drawn from, per task (organ, tumour), at the model's size."""
-
     def __init__(self, cases, images, labels, tasks, size=128):
-        self.size = size
         # (N, 1, size, size)
         self.images = torch.cat([to_model_slices(images[c], size) for c in cases])
         self.case_of = np.concatenate([[c] * len(images[c]) for c in cases])
@@ -327,9 +306,7 @@ def dice(pred, truth):
     """2|A∩B| / (|A| + |B|) of two boolean volumes; None when both are empty (nothing to score).
     The one Dice of the codebase: 06 and 07 import it."""
     total = int(pred.sum()) + int(truth.sum())
-    if total == 0:
-        return None
-    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total if total else None
 
 
 # --------------------------------------------------------------------------- main
@@ -350,8 +327,6 @@ def main(args):
         img, aff = read_nifti(prep / "images" / f"{name}.nii.gz")
         return xyz_to_dhw(img), aff, label_or_none(prep / "labels" / f"{name}.nii.gz")
 
-    model = None
-    pools = {}  # task -> SupportPool
     tasks = {"organ": args.organ, **({"tumour": args.tumour} if args.tumour else {})}
     if args.method == "universeg":
         device = pick_device(args.device)
@@ -380,11 +355,10 @@ def main(args):
     progress = bar(names, desc=f"masks ({args.method})", unit="case")
     for name in progress:
         path, old = out / f"{name}.nii.gz", out / "cases" / f"{name}.json"
-        # a changed image: redo its mask
         source = inputs_fingerprint([prep / "images" / f"{name}.nii.gz"], prep)
         if path.exists() and old.exists() and not args.overwrite:
             rec = json.loads(old.read_text())
-            if rec.get("source") == source:
+            if rec.get("source") == source:  # else the image changed: redo its mask
                 records.append(rec)
                 continue
         t0 = time.perf_counter()
@@ -447,9 +421,7 @@ def main(args):
     mean = lambda key: (lambda v: round(float(np.mean(v)), 4) if v else None)(
         [r[key] for r in ok if r.get(key) is not None])
     with_tumour = sum(r["tumour_voxels"] > 0 for r in ok)
-    warnings = []
-    if ok and not with_tumour:
-        warnings.append(NO_TUMOUR)
+    warnings = [NO_TUMOUR] if ok and not with_tumour else []
     summary = {"config": settings, "warnings": warnings,
                "counts": {"cases": len(records), "ok": len(ok), "skipped": len(records) - len(ok),
                           "empty": sum(r["organ_voxels"] + r["tumour_voxels"] == 0 for r in ok),

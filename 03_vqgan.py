@@ -8,14 +8,13 @@ Writes --out  (default runs/vqgan):
     previews/        input vs reconstruction at each save, the locality box drawn
     metrics.json     PSNR and SSIM on the test split, holistic and inside the box
 
-Architecture and losses follow Medical Diffusion's VQ-GAN as configured by Lad (docs/reference.md §2):
-encoder/decoder of "same"-padded (replicate) 3-D convs and ResBlocks, 4×4×4 downsampling to an
-8-channel latent, an EMA codebook of 16384 codes, a 2-D (random slice) and a 3-D PatchGAN with
+Architecture and losses follow Medical Diffusion's VQ-GAN as configured by Lad (docs/reference.md
+§2): encoder/decoder of "same"-padded (replicate) 3-D convs and ResBlocks, 4×4×4 downsampling to
+an 8-channel latent, an EMA codebook of 16384 codes, a 2-D (random slice) and a 3-D PatchGAN with
 hinge loss and feature matching, LPIPS-VGG16 on a random slice. Lad adds the locality loss
 (Eq. 2-3): L1 between x and x̂ inside each sample's bounding box of the mask (organ or tumour),
-averaged over the samples that have a box, weighted by λ = --lambda-loc (0 = Medical Diffusion).
-The release summed over the batch instead, so at batch 2 its λ = 1 weighs the term up to twice
-as much as ours; we keep Eq. 2 as printed.
+averaged over the samples with a box, weighted by λ = --lambda-loc (0 = Medical Diffusion). The
+release summed over the batch (at batch 2 its λ = 1 weighs up to twice ours); we keep Eq. 2.
 
 Schedule: the paper's "100k steps" are Lightning 1.6 global steps, and with two optimisers
 Lightning counts two per batch. The release's checkpoint (epoch=124-step=100000, 800 volumes,
@@ -79,25 +78,20 @@ def get_args(argv=None):
     w.add_argument("--gan-feat-weight", type=at_least(0.0, float), default=4.0,
                    help="discriminator feature matching")
     w.add_argument("--disc-start", type=at_least(0), default=25_000,
-                   help="iteration at which the discriminators start (the release's 50k Lightning "
-                        "steps, see --steps)")
+                   help="iteration the discriminators start at (the release's 50k Lightning steps)")
     w.add_argument("--lambda-loc", type=at_least(0.0, float), default=1.0,
                    help="locality loss λ (Eq. 3); 0 = Medical Diffusion")
     t = p.add_argument_group("training (paper §4.1.3)")
     t.add_argument("--steps", type=at_least(1), default=50_000,
-                   help="training iterations (one batch: a generator and a discriminator update). "
-                        "The paper's '100k steps' are Lightning 1.6 steps, which count each of the two "
-                        "optimisers: the release's checkpoint epoch=124-step=100000 (800 volumes, "
-                        "batch 2, one GPU) is 50k batches")
+                   help="training iterations (a generator and a discriminator update each); the "
+                        "paper's '100k steps' are Lightning 1.6 steps, 2 per batch: the release's "
+                        "epoch=124-step=100000 (800 volumes, batch 2, one GPU) is 50k batches")
     t.add_argument("--batch-size", type=at_least(1), default=2,
-                   help="volumes per iteration per GPU; under torchrun the effective batch is this × GPUs "
-                        "(the paper's 2 on one GPU; on two GPUs pass 1)")
+                   help="volumes per iteration per GPU (× GPUs in DDP); the paper's 2 on one GPU")
     t.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0,
-                   help="clip each optimiser's gradient norm to this (the release and Medical Diffusion: "
-                        "gradient_clip_val 1.0); 0 = off")
+                   help="per-optimiser grad-norm clip (Medical Diffusion, release: 1.0); 0 = off")
     t.add_argument("--lr", type=positive, default=3e-4,
-                   help="Adam lr for both optimisers: the paper's 3e-4 (the release's lr scaling made "
-                        "it ≈1.9e-5)")
+                   help="Adam lr of both optimisers: paper 3e-4 (the release's scaling: ≈1.9e-5)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on CPU. "
@@ -105,8 +99,7 @@ def get_args(argv=None):
     t.add_argument("--device", default="auto")
     t.add_argument("--log-every", type=at_least(1), default=50, help="steps per log line / CSV row")
     t.add_argument("--save-every", type=at_least(1), default=1000, help="steps per checkpoint + preview")
-    t.add_argument("--fresh", action="store_true",
-                   help="ignore an existing checkpoint in --out and start again")
+    t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out, start again")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the autoencoder and discriminators (GPU)")
     args = p.parse_args(argv)
@@ -123,16 +116,14 @@ def get_args(argv=None):
 # --------------------------------------------------------------------------- autoencoder
 def _same_pad(kernel, stride):
     """Replicate padding (F.pad order W, H, D) of k - s per axis, split (ceil, floor)."""
-    pads = [kernel - s for s in stride]
+    pads = [kernel - s for s in ((stride,) * 3 if isinstance(stride, int) else stride)]
     return tuple(v for p in reversed(pads) for v in (p // 2 + p % 2, p // 2))
 
 
 class SamePadConv3d(nn.Module):
     """Conv3d with output size = input size / stride (Medical Diffusion's SamePadConv3d)."""
-
     def __init__(self, cin, cout, kernel=3, stride=1):
         super().__init__()
-        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         self.pad = _same_pad(kernel, stride)
         self.conv = nn.Conv3d(cin, cout, kernel, stride)
 
@@ -142,10 +133,8 @@ class SamePadConv3d(nn.Module):
 
 class SamePadConvTranspose3d(nn.Module):
     """Transposed conv with output size = input size × stride (kernel 4, padding k - 1)."""
-
     def __init__(self, cin, cout, kernel=4, stride=2):
         super().__init__()
-        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         self.pad = _same_pad(kernel, stride)
         self.convt = nn.ConvTranspose3d(cin, cout, kernel, stride, padding=kernel - 1)
 
@@ -159,7 +148,6 @@ def group_norm(channels, groups):
 
 class ResBlock(nn.Module):
     """x + conv3(SiLU(GN(conv3(SiLU(GN(x))))))."""
-
     def __init__(self, channels, groups):
         super().__init__()
         self.norm1, self.conv1 = group_norm(channels, groups), SamePadConv3d(channels, channels, 3)
@@ -171,8 +159,7 @@ class ResBlock(nn.Module):
 
 
 def _stages(factors):
-    """Per stage, the stride of each axis: (4, 4, 4) -> [(2, 2, 2), (2, 2, 2)];
-    (2, 4, 4) -> [(2, 2, 2), (1, 2, 2)]."""
+    """Strides per stage: (4, 4, 4) -> [(2, 2, 2)] * 2; (2, 4, 4) -> [(2, 2, 2), (1, 2, 2)]."""
     times = [int(math.log2(f)) for f in factors]
     return [tuple(2 if t > i else 1 for t in times) for i in range(max(times))]
 
@@ -180,7 +167,6 @@ def _stages(factors):
 class Encoder(nn.Module):
     """(B, 1, D, H, W) -> (B, C, D/4, H/4, W/4): conv3; per stage a stride-2 conv (kernel 4)
     doubling the channels + one ResBlock; GroupNorm + SiLU. C = n_hiddens · 4 = 64 at the defaults."""
-
     def __init__(self, n_hiddens, downsample, groups):
         super().__init__()
         self.conv_first = SamePadConv3d(1, n_hiddens, 3)
@@ -203,7 +189,6 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror: GroupNorm + SiLU; per stage a stride-2 transposed conv (kernel 4) + two
     ResBlocks (64 -> 64 -> 32 channels at the defaults); conv3 to one channel."""
-
     def __init__(self, n_hiddens, upsample, groups):
         super().__init__()
         stages = _stages(upsample)
@@ -225,17 +210,13 @@ class Decoder(nn.Module):
 
 
 class Codebook(nn.Module):
-    """EMA vector quantiser (VQ-VAE-2 style, as in Medical Diffusion).
-
-    - initialised from the first training batch's encoder outputs (random rows, tiled with a
-      little noise when there are fewer vectors than codes);
-    - EMA (decay 0.99) of code usage N and of the sum of assigned vectors; codes = sum / N;
-    - codes whose EMA usage falls below `restart_threshold` are restarted at random encoder outputs;
-    - commitment loss 0.25·MSE(z, sg(e)); straight-through gradient; perplexity of the usage.
-    Usage and sums are accumulated with index_add_ (no one-hot of size vectors × codes, no
-    host sync), nearest codes are found in chunks, and all of it runs in fp32 under autocast.
-    """
-
+    """EMA vector quantiser (VQ-VAE-2 style, as in Medical Diffusion): initialised from the first
+    training batch's encoder outputs (random rows, tiled with a little noise when there are fewer
+    vectors than codes); EMA (decay 0.99) of code usage N and of the sum of assigned vectors;
+    codes = sum / N; codes whose EMA usage falls below `restart_threshold` restart at random
+    encoder outputs; commitment loss 0.25·MSE(z, sg(e)); straight-through gradient; perplexity of
+    the usage. Usage and sums accumulate with index_add_ (no one-hot of size vectors × codes, no
+    host sync), nearest codes are found in chunks, and all of it runs in fp32 under autocast."""
     def __init__(self, n_codes, dim, decay=0.99, restart_threshold=1.0):
         super().__init__()
         self.n_codes, self.decay, self.restart_threshold = n_codes, decay, restart_threshold
@@ -294,8 +275,7 @@ class Codebook(nn.Module):
                     self.N.mul_(self.decay).add_(counts, alpha=1 - self.decay)
                     self.z_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
                     n = self.N.sum()
-                    # Laplace-smoothed usage
-                    weights = (self.N + 1e-7) / (n + self.n_codes * 1e-7) * n
+                    weights = (self.N + 1e-7) / (n + self.n_codes * 1e-7) * n  # Laplace-smoothed
                     self.embeddings.copy_(self.z_avg / weights[:, None])
                     used = (self.N >= self.restart_threshold)[:, None]
                     self.embeddings.copy_(torch.where(used, self.embeddings,
@@ -306,11 +286,9 @@ class Codebook(nn.Module):
 
 
 class VQGAN(nn.Module):
-    """Encoder -> 1×1×1 conv to embedding_dim -> codebook -> 1×1×1 conv -> decoder.
-
-    A (1, 32, 256, 256) volume has an (8, 8, 64, 64) latent at the defaults. 04 uses
-    `encode(x, quantize=False)` (the pre-quantisation latent) and `decode(z, quantize=True)`."""
-
+    """Encoder -> 1×1×1 conv to embedding_dim -> codebook -> 1×1×1 conv -> decoder; at the defaults
+    a (1, 32, 256, 256) volume has an (8, 8, 64, 64) latent. 04 uses `encode(x, quantize=False)`
+    (the pre-quantisation latent) and `decode(z, quantize=True)`."""
     def __init__(self, n_hiddens=16, downsample=(4, 4, 4), embedding_dim=8, n_codes=16384, num_groups=32):
         super().__init__()
         self.kwargs = dict(n_hiddens=n_hiddens, downsample=list(downsample), embedding_dim=embedding_dim,
@@ -326,8 +304,7 @@ class VQGAN(nn.Module):
         return self.codebook(z)[0] if quantize else z
 
     def decode(self, z, quantize=False):
-        if quantize:
-            z = self.codebook(z)[0]
+        z = self.codebook(z)[0] if quantize else z
         return self.decoder(self.post_vq_conv(z))
 
     def forward(self, x):
@@ -350,7 +327,6 @@ class PatchGAN(nn.Module):
     """PatchGAN (pix2pixHD style): conv k4 s2 + LeakyReLU(0.2); (n_layers - 1) × [conv k4 s2 +
     BatchNorm + LeakyReLU]; conv k4 s1 + BatchNorm + LeakyReLU; conv k4 s1 to one logit map.
     Returns (logits, [features of every layer]) for feature matching. dims = 2 (slices) or 3."""
-
     def __init__(self, dims, ndf=64, n_layers=3):
         super().__init__()
         Conv, Norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
@@ -383,12 +359,9 @@ VGG_CONV = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al. 2018), plain PyTorch.
-
-    `features` has torchvision's VGG16 layout (features.0 ... features.28, so
-    vgg16-397923af.pth loads into it); `lin0..lin4.model.1` are the LPIPS linear layers (the
-    v0.1 vgg.pth file). Input: (B, 1, H, W) in [-1, 1], repeated to RGB. Output: (B,)."""
-
+    """LPIPS v0.1 with VGG16 (Zhang et al. 2018), plain PyTorch. `features` has torchvision's VGG16
+    layout (features.0 ... features.28, so vgg16-397923af.pth loads into it); `lin0..lin4.model.1`
+    are the LPIPS linear layers (v0.1 vgg.pth). (B, 1, H, W) in [-1, 1], repeated to RGB -> (B,)."""
     TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
     def __init__(self):
@@ -413,10 +386,8 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, a, b):
-        total = 0.0
-        for i, (fa, fb) in enumerate(zip(self._taps(a), self._taps(b))):
-            total = total + getattr(self, f"lin{i}")["model"]((fa - fb) ** 2).mean((1, 2, 3))
-        return total
+        return sum(getattr(self, f"lin{i}")["model"]((fa - fb) ** 2).mean((1, 2, 3))
+                   for i, (fa, fb) in enumerate(zip(self._taps(a), self._taps(b))))
 
 
 def load_lpips(source):
@@ -438,8 +409,7 @@ def load_lpips(source):
                          f"({VGG16_URL}) and vgg.pth ({LPIPS_URL}) in a folder and pass "
                          f"--perceptual-weights DIR, or train without them: --perceptual-weight 0")
     state = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) < 30}
-    state.update(lin)
-    state.update(shift=model.shift, scale=model.scale)
+    state.update(lin, shift=model.shift, scale=model.scale)
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -455,10 +425,9 @@ def box_mask(boxes, shape):
 
 
 def locality_loss(x, x_rec, boxes, has_box):
-    """Eq. 2: per sample, mean |x - x̂| inside its mask's bounding box; averaged over the
-    samples that have a box (an empty mask contributes nothing). The release summed over the
-    batch and computed the box on the CPU each step; we follow the paper's average, with
-    boxes precomputed per case."""
+    """Eq. 2: per sample, mean |x - x̂| inside its mask's bounding box, averaged over the samples
+    with a box (an empty mask adds nothing). The release summed over the batch and built the box
+    on the CPU each step; we average as the paper does, over boxes precomputed per case."""
     m = box_mask(boxes, x.shape[2:]).to(x.dtype)
     per_sample = ((x - x_rec).abs() * m).sum((1, 2, 3, 4)) / m.sum((1, 2, 3, 4)).clamp_min(1)
     return (per_sample * has_box).sum() / has_box.sum().clamp_min(1)
@@ -472,10 +441,9 @@ def gaussian_kernel(sigma, radius, like):
 
 
 def gaussian_smooth(x, kernel, pad=None):
-    """Separable smoothing of (N, C, H, W) or (N, C, D, H, W) by a 1-D kernel along each spatial
-    axis, the last axis first. pad=None: "valid" (no padding, each axis shrinks by len - 1); an axis
-    shorter than the kernel is left unsmoothed (pytorch-msssim warns and does the same).
-    pad="reflect" / "replicate": the size stays."""
+    """Separable smoothing of (N, C, H, W) or (N, C, D, H, W) by a 1-D kernel per spatial axis, the
+    last first. pad="reflect"/"replicate" keeps the size; None: "valid" (an axis shrinks by len - 1,
+    one shorter than the kernel stays unsmoothed: pytorch-msssim warns and does the same)."""
     n, c, *spatial = x.shape
     conv = F.conv3d if len(spatial) == 3 else F.conv2d
     x = x.reshape(n * c, 1, *spatial)                      # every channel smoothed alike
@@ -501,8 +469,7 @@ SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
 def ssim_and_cs(x, y, data_range=1.0):
     """Mean SSIM and mean contrast-structure term cs per channel of two (N, C, D, H, W) batches,
     each (N, C); C1 = (0.01·L)², C2 = (0.03·L)² for data range L. 06's MS-SSIM builds on it."""
-    c1 = (SSIM_K[0] * data_range) ** 2
-    c2 = (SSIM_K[1] * data_range) ** 2
+    c1, c2 = ((k * data_range) ** 2 for k in SSIM_K)
     win = gaussian_kernel(SSIM_SIGMA, SSIM_WINDOW // 2, x)
     mu_x = gaussian_smooth(x, win)
     mu_y = gaussian_smooth(y, win)
@@ -564,10 +531,9 @@ def clip_gradients(nets, opt, prec, max_norm):
 
 def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, args):
     """One step of Eq. 1 + λ·Eq. 2 for the autoencoder, then (once `gan_on`) one hinge step for both
-    discriminators. x (B, 1, D, H, W) in [-1, 1]; batch_boxes, batch_has_box the precomputed organ
-    boxes. Returns the reconstruction and the detached losses [l1, commitment, perceptual, g_image,
-    g_volume, feat_match, locality, d_loss, perplexity]. Nothing here waits for the device (bench.py
-    times this function)."""
+    discriminators; x (B, 1, D, H, W) in [-1, 1], with its precomputed organ boxes. Returns x̂ and
+    the detached [l1, commitment, perceptual, g_image, g_volume, feat_match, locality, d_loss,
+    perplexity]. Nothing here waits for the device (bench.py times this function)."""
     model_t, d2_t, d3_t = nets
     opt_ae, opt_d = opts
     device = x.device
@@ -591,10 +557,9 @@ def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, a
                 _, fr3 = d3_t(x)
             # feature matching, weight 4 / (n_layers + 1) per layer as in the reference
             fw = 4.0 / (args.disc_layers + 1)
-            feat = (sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff2[:-1], fr2[:-1]))
-                    * (args.image_gan_weight > 0)
-                    + sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff3[:-1], fr3[:-1]))
-                    * (args.volume_gan_weight > 0))
+            match = lambda ff, fr: sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff, fr))
+            feat = (match(ff2[:-1], fr2[:-1]) * (args.image_gan_weight > 0)
+                    + match(ff3[:-1], fr3[:-1]) * (args.volume_gan_weight > 0))
         loss = (args.l1_weight * l1 + commitment + args.perceptual_weight * perceptual
                 + args.image_gan_weight * g_img + args.volume_gan_weight * g_vol
                 + args.gan_feat_weight * feat + args.lambda_loc * loc)                  # Eq. 1 + λ·Eq. 2
@@ -623,14 +588,10 @@ CPU_SIZED = ("64×64×16 volumes (01 --size 64 --depth 16 --spacing 4 4 4.6), --
 
 def gpu_sized(shape, args):
     """The settings that make a run GPU-sized (the paper's are): large volumes, a wide model, many steps."""
-    big = []
-    if shape[1] * shape[2] >= 128 * 128:
-        big.append("×".join(map(str, shape)) + " volumes")
-    if args.n_hiddens >= 16:
-        big.append(f"--n-hiddens {args.n_hiddens}")
-    if args.steps > 5000:
-        big.append(f"--steps {args.steps}")
-    return ", ".join(big)
+    big = [("×".join(map(str, shape)) + " volumes", shape[1] * shape[2] >= 128 * 128),
+           (f"--n-hiddens {args.n_hiddens}", args.n_hiddens >= 16),
+           (f"--steps {args.steps}", args.steps > 5000)]
+    return ", ".join(text for text, on in big if on)
 
 
 # settings a resumed run must share with its checkpoint (--steps may grow, logging may change)
@@ -711,16 +672,13 @@ def main(args):
     log_row = csv_logger(log_path, fields, start_step=step, enabled=rank == 0)
     sums = torch.zeros(len(fields) - 4, device=device)
     t_last, n_last = time.perf_counter(), step
-    x = None
     first = step + 1  # the step that gets a timing line
-    model_t.train()
-    d2_t.train()
-    d3_t.train()
+    for net in (model_t, d2_t, d3_t):
+        net.train()
     while step < args.steps:
         idx = torch.randint(n_train, (args.batch_size,), generator=gen, device=home)
         x = to_device(vols[idx]).float() * 2 - 1  # (B, 1, D, H, W) in [-1, 1]
-        # precomputed boxes (B, 6)
-        batch_boxes, batch_has_box = to_device(boxes[idx]), to_device(has_box[idx])
+        batch_boxes, batch_has_box = to_device(boxes[idx]), to_device(has_box[idx])  # (B, 6), (B,)
         gan_on = step >= args.disc_start  # disc_factor of the reference: 0 before, 1 after
         x_rec, stats = train_step((model_t, d2_t, d3_t), (opt_ae, opt_d), lpips, prec, x, batch_boxes,
                                   batch_has_box, gan_on, args)

@@ -2,32 +2,28 @@
 
 Reads  --prep (default data/prep): images/, masks/ (02), split.json; --vqgan (default runs/vqgan/ckpt.pt).
 Writes --out  (default runs/diffusion):
-    cache.pt       latents of the training volumes, mask latents and Betti vectors, computed once
-                   and reused while the VQ-GAN checkpoint is unchanged
-    ckpt.pt        denoiser + EMA weights, optimiser, scaler, RNG, step, args and constructor arguments
-    log.csv        loss, ms/step, volumes/s, peak memory per log interval
-    previews/      EMA samples conditioned on held-out masks at each save, mask outlined
+    cache.pt    training latents, mask latents, Betti vectors; reused while the VQ-GAN is unchanged
+    ckpt.pt     denoiser + EMA weights, optimiser, scaler, RNG, step, args and constructor arguments
+    log.csv     loss, ms/step, volumes/s, peak memory per log interval
+    previews/   EMA samples conditioned on held-out masks at each save, mask outlined
 
-The denoiser is Medical Diffusion's pseudo-3-D Unet3D (docs/reference.md §3): (1, 3, 3) convs,
-per-slice linear attention and attention along depth with a relative position bias, full
-attention in the middle, in the VQ-GAN's latent space scaled to [-1, 1]. The Gaussian diffusion
-has 300 steps, a cosine schedule, noise prediction and an L1 loss.
+Denoiser: Medical Diffusion's pseudo-3-D Unet3D (docs/reference.md §3): (1, 3, 3) convs, per-slice
+linear attention, depth attention with a relative position bias, full attention in the middle, on
+VQ-GAN latents scaled to [-1, 1]. Diffusion: 300 steps, cosine schedule, noise prediction, L1 loss.
 
 The locality condition c (§3.3.2) joins the time embedding:
   content   the mask (labels 0/1/2 as floats) through the frozen VQ-GAN encoder, then two
             *learnable* stride-2 Conv3d 8 -> 4 -> 1, flattened (512 at the paper's shapes);
   structure per slice and label 0/1/2 the Betti numbers β0, β1 (cubical complex, cripser's
             T-construction): 32 × 6 = 192, fed as log(1 + β).
---cond selects Table 2's rows: none (V0, Medical Diffusion), content (V1), structure (V2),
-both (V3; "Full" when the VQ-GAN was trained with the locality loss).
-Classifier-free guidance: with probability --p-uncond 0.25 the condition is replaced by a
-*learned* null embedding.
+--cond selects Table 2's rows: none (V0, Medical Diffusion), content (V1), structure (V2), both
+(V3; "Full" when the VQ-GAN was trained with the locality loss). Classifier-free guidance: with
+probability --p-uncond 0.25 the condition is replaced by a *learned* null embedding.
 
 Where we differ from the authors' release, on purpose (docs/reference.md §3):
   1. the two content convs are trained parameters (the release created them anew inside each
      forward call: fixed random projections that no optimiser ever saw);
-  2. the unconditional "null" condition is a learned embedding (the release used fresh
-     Gaussian noise each time, so ε(z) was never a well-defined prediction);
+  2. the null condition is learned (the release drew fresh Gaussian noise: ε(z) was ill-defined);
   3. sampling applies Eq. 4 for every w, including w = 1 (05_sample.py; the release returned
      the conditional prediction alone when cond_scale = 1).
 
@@ -110,13 +106,11 @@ def get_args(argv=None):
 
 # --------------------------------------------------------------------------- structure extractor E_str
 def betti_vector(mask: np.ndarray) -> np.ndarray:
-    """(D, H, W) label volume -> (D·6,) int64: per slice, for labels 0, 1, 2, the Betti numbers
-    β0 (components) and β1 (holes) of the region `slice == label` (§3.3.2, Fig. 3b).
-
-    Cubical complex by cripser's T-construction (pixels are closed squares: the region is
-    8-connected, holes 4-connected; outside the image counts as background). The filtration is
-    0 on the region and 1 elsewhere; a Betti class is born at 0 and still alive at 1. An empty
-    region has β0 = 0 (the release counted 1; docs/reference.md §4)."""
+    """(D, H, W) label volume -> (D·6,) int64: per slice and label 0/1/2, Betti numbers β0
+    (components) and β1 (holes) of `slice == label` (§3.3.2, Fig. 3b). Cubical complex by cripser's
+    T-construction (pixels are closed squares: the region is 8-connected, holes 4-connected; outside
+    the image is background). Filtration 0 on the region, 1 elsewhere; a class counts if born at 0
+    and alive at 1. An empty region has β0 = 0 (the release counted 1; docs/reference.md §4)."""
     out = np.zeros((len(mask), 6), np.int64)
     for j, sl in enumerate(mask):
         for label in range(3):
@@ -134,8 +128,7 @@ def betti_vector(mask: np.ndarray) -> np.ndarray:
 
 
 def structure_features(betti):
-    """Betti counts -> network input: log(1 + β), so a speckled mask's dozens of components
-    do not dwarf the usual 0-3."""
+    """log(1 + β): a speckled mask's dozens of components must not dwarf the usual 0-3."""
     return torch.log1p(betti.float())
 
 
@@ -154,7 +147,6 @@ class SinusoidalPosEmb(nn.Module):
 
 class ChannelNorm(nn.Module):
     """LayerNorm over channels with a gain only (the reference's LayerNorm)."""
-
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps, self.gamma = eps, nn.Parameter(torch.ones(1, dim, 1, 1, 1))
@@ -166,7 +158,6 @@ class ChannelNorm(nn.Module):
 
 class Block(nn.Module):
     """(1, 3, 3) conv -> GroupNorm(8) -> optional scale/shift from the embedding -> SiLU."""
-
     def __init__(self, dim, dim_out, groups=8):
         super().__init__()
         self.proj = nn.Conv3d(dim, dim_out, (1, 3, 3), padding=(0, 1, 1))
@@ -193,7 +184,6 @@ class ResnetBlock(nn.Module):
 
 class SpatialLinearAttention(nn.Module):
     """Linear attention within each slice (softmax over features for q, over positions for k)."""
-
     def __init__(self, dim, heads, dim_head):
         super().__init__()
         self.heads, self.scale = heads, dim_head**-0.5
@@ -217,10 +207,8 @@ def rotate_interleaved(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over the second-to-last axis, through scaled_dot_product_attention.
-    depth=True: attention along depth for every (h, w), with rotary embeddings and a learned
-    relative position bias (the reference's "temporal" attention)."""
-
+    """Multi-head attention over the second-to-last axis (scaled_dot_product_attention); along depth
+    (the reference's "temporal" attention) with rotary=True and a relative position bias."""
     def __init__(self, dim, heads, dim_head, rotary=False):
         super().__init__()
         self.heads, self.dim_head, self.rotary = heads, dim_head, rotary
@@ -244,7 +232,6 @@ class Attention(nn.Module):
 
 class RelativePositionBias(nn.Module):
     """T5-style bucketed relative positions (32 buckets, max distance 32) -> a bias per head."""
-
     def __init__(self, heads, buckets=32, max_distance=32):
         super().__init__()
         self.buckets, self.max_distance = buckets, max_distance
@@ -265,7 +252,6 @@ class RelativePositionBias(nn.Module):
 
 class DepthAttention(nn.Module):
     """Residual(PreNorm(attention along depth)): (B, C, D, H, W), each (h, w) column on its own."""
-
     def __init__(self, dim, heads, dim_head):
         super().__init__()
         self.norm, self.attn = ChannelNorm(dim), Attention(dim, heads, dim_head, rotary=True)
@@ -278,7 +264,6 @@ class DepthAttention(nn.Module):
 
 class SpatialAttention(nn.Module):
     """Residual(PreNorm(full attention within each slice)) for the middle block."""
-
     def __init__(self, dim, heads, dim_head):
         super().__init__()
         self.norm, self.attn = ChannelNorm(dim), Attention(dim, heads, dim_head)
@@ -299,10 +284,8 @@ class LinearAttentionBlock(nn.Module):
 
 
 class Unet3D(nn.Module):
-    """ε_θ(z_t, t, c): (B, C, D, H, W) latents -> predicted noise. H and W are halved per level,
-    D is kept (pseudo-3-D). `cond` (B, cond_dim) joins the time embedding; where `drop` is True
-    it is replaced by the learned null embedding (classifier-free guidance)."""
-
+    """ε_θ(z_t, t, c): (B, C, D, H, W) -> predicted ε; H, W halved per level, D kept (pseudo-3-D).
+    `cond` (B, cond_dim) joins the time embedding; `drop` (B,) picks the learned null embedding."""
     def __init__(self, channels=8, dim=64, dim_mults=(1, 2, 4, 8), cond_dim=0, heads=8, dim_head=32):
         super().__init__()
         self.kwargs = dict(channels=channels, dim=dim, dim_mults=list(dim_mults), cond_dim=cond_dim,
@@ -361,10 +344,8 @@ class Unet3D(nn.Module):
 
 # --------------------------------------------------------------------------- condition extractor + denoiser
 class ConditionExtractor(nn.Module):
-    """E_c = [E_con ; E_str] (Fig. 3a). Content: mask latent (B, 8, d, h, w) -> two learnable
-    stride-2 Conv3d 8 -> 4 -> 1 -> flatten ((1, 2, 16, 16) = 512 at the paper's shapes).
-    Structure: Betti vector (B, D·6) -> log(1 + β)."""
-
+    """E_c = [E_con ; E_str] (Fig. 3a): mask latent (B, 8, d, h, w) -> stride-2 Conv3d 8 -> 4 -> 1
+    -> (B, 1, 2, 16, 16) at the paper's shapes, flattened; Betti vector (B, D·6) -> log(1 + β)."""
     def __init__(self, mode, latent_shape=(8, 8, 64, 64), depth=32):
         super().__init__()
         self.kwargs = dict(mode=mode, latent_shape=list(latent_shape), depth=depth)
@@ -387,7 +368,6 @@ class ConditionExtractor(nn.Module):
 
 class Denoiser(nn.Module):
     """Condition extractor + Unet3D, trained (and EMA-averaged, checkpointed) together."""
-
     def __init__(self, extractor_kwargs, unet_kwargs):
         super().__init__()
         self.extractor = ConditionExtractor(**extractor_kwargs)
@@ -402,7 +382,6 @@ class Denoiser(nn.Module):
 class GaussianDiffusion(nn.Module):
     """DDPM (Ho et al. 2020) with the cosine schedule (Nichol & Dhariwal 2021), T steps,
     noise prediction. Schedule quantities are computed in float64, stored in float32."""
-
     def __init__(self, timesteps=300, s=0.008):
         super().__init__()
         self.T = timesteps
@@ -415,7 +394,6 @@ class GaussianDiffusion(nn.Module):
         reg = lambda name, v: self.register_buffer(name, v.float(), persistent=False)
         reg("betas", betas)
         reg("alphas_cumprod", abar)
-        reg("alphas_cumprod_prev", abar_prev)
         reg("sqrt_abar", abar.sqrt())
         reg("sqrt_1m_abar", (1 - abar).sqrt())
         reg("sqrt_recip_abar", (1 / abar).sqrt())
@@ -443,8 +421,7 @@ class GaussianDiffusion(nn.Module):
         return mean, self._at(self.posterior_variance, t, x_t), self._at(self.posterior_log_variance, t, x_t)
 
     def draw(self, x0, p_uncond, generator=None):
-        """A batch's random draws: a uniform t, the noise, and which conditions are dropped (the
-        learned null embedding) with probability p_uncond, per sample."""
+        """Per sample: a uniform t, the noise, and a condition drop with probability p_uncond."""
         b = len(x0)
         t = torch.randint(0, self.T, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
@@ -458,8 +435,7 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def p_step(self, x_t, t, eps, noise):
-        """One ancestral step: x̂0 from ε, clipped to [-1, 1]; the posterior mean plus noise
-        (none at t = 0)."""
+        """Ancestral step from x̂0(ε) clipped to [-1, 1]: posterior mean + noise (none at t = 0)."""
         x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
         mean, _, logvar = self.q_posterior(x0, x_t, t)
         nonzero = (t != 0).float().view(-1, *([1] * (x_t.ndim - 1)))
@@ -471,17 +447,14 @@ def guided_eps(denoiser, z, t, cond_inputs, w):
     batch; w = 0 gives the conditional prediction; an unconditional model (V0) ignores w."""
     if denoiser.extractor.dim == 0 or w == 0:
         return denoiser(z, t, *cond_inputs)
-    b = len(z)
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=z.device),
-                      torch.ones(b, dtype=torch.bool, device=z.device)])
+    drop = torch.arange(2 * len(z), device=z.device) >= len(z)  # the second copy: unconditional
     eps = denoiser(torch.cat([z, z]), torch.cat([t, t]), *(torch.cat([c, c]) for c in cond_inputs), drop=drop)
     eps_c, eps_u = eps.chunk(2)
     return (1 + w) * eps_c - w * eps_u
 
 
 def per_sample_noise(generators, shape, device):
-    """Noise for a batch drawn sample by sample, each from its own generator: a sample's
-    trajectory does not depend on its batch-mates."""
+    """Noise drawn per sample, each from its own generator: a trajectory ignores its batch-mates."""
     return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
 
 
@@ -554,8 +527,7 @@ def locality_condition(vqgan, masks, device, workers=1):
 
 
 def build_cache(args, names, vqgan, device):
-    """Latents of the volumes ([0, 1] -> [-1, 1] -> encoder), of the masks (labels 0/1/2 as
-    floats -> encoder), Betti vectors; reused while the VQ-GAN checkpoint is unchanged."""
+    """Volume latents ([0, 1] -> [-1, 1] -> encoder) and the masks' locality condition, cached."""
     stat = args.vqgan.stat()
     key = {"vqgan": str(args.vqgan.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
            "names": names}
@@ -637,8 +609,7 @@ def activation_bytes(model, ddpm, data, prec, p_uncond):
 
 
 def fitting_micro_batch(per_sample, batch_size, free):
-    """The largest piece of the batch whose activations fit in half of `free` bytes (the backward
-    pass needs about as much again)."""
+    """Largest piece whose activations fit in half of `free` bytes (the backward needs as much)."""
     return max(1, min(batch_size, int(0.5 * free // max(per_sample, 1))))
 
 
@@ -693,8 +664,7 @@ def main(args):
         dist.barrier()  # the other ranks read what rank 0 built
     cache = cache or load_checkpoint(args.out / "cache.pt")
     lo, hi = cache["scale"]
-    z0, mask_latents, betti = (cache["latents"].to(device), cache["mask_latents"].to(device),
-                               cache["betti"].to(device))
+    z0, mask_latents, betti = (cache[k].to(device) for k in ("latents", "mask_latents", "betti"))
     n_train, latent_shape, depth = len(z0), tuple(z0.shape[1:]), cache["masks"].shape[1]
 
     model = Denoiser(dict(mode=args.cond, latent_shape=latent_shape, depth=depth),
@@ -726,9 +696,7 @@ def main(args):
 
     # the held-out masks of the previews and their conditions, prepared once
     masks = [xyz_to_dhw(read_nifti(args.prep / "masks" / f"{n}.nii.gz", None)[0]) for n in test_names]
-    cond = None
-    if masks:
-        cond = tuple(c.to(device) for c in locality_condition(vqgan, masks, device))
+    cond = tuple(c.to(device) for c in locality_condition(vqgan, masks, device)) if masks else None
 
     @torch.no_grad()
     def preview(step):  # EMA samples conditioned on held-out masks, decoded, mask outlined

@@ -10,21 +10,18 @@ Writes --out (default runs/samples):
     config.json          the settings and the checkpoints' fingerprints (a rerun with others is refused)
     previews.png         the first samples through their organ's centroid, masks outlined
 
-The composition of a set is explicit (§3.4.1, §4.4): --n-original samples conditioned on 02's
-masks as they are, then --n-augmented conditioned on augmented copies. A set is as large as the
-training set (§4.2) unless both are given; by default half original and half augmented: the
-"augmented mask set" (original plus augmented masks) that Table 1 and the ✓ rows of Table 2 are
-sampled from. Table 2's × rows ("unseen" masks) are --n-original 0, and Table 3 samples 256
-augmented masks for every w
-(--n-original 0 --n-augmented 256; the same masks for every w, since a mask depends only on
---seed and the sample's index). The originals take the training cases in order, the augmented
-ones continue where the originals stopped, so each case serves once before any serves twice.
+A set's composition is explicit (§3.4.1, §4.4): --n-original samples on 02's masks as they are, then
+--n-augmented on augmented copies. A set is as large as the training set (§4.2) unless both are
+given; by default half and half: the "augmented mask set" (originals plus augmented) that Table 1
+and the ✓ rows of Table 2 are sampled from. Table 2's × rows ("unseen" masks) are --n-original 0;
+Table 3 samples 256 augmented masks for every w (--n-original 0 --n-augmented 256; the same masks
+for every w, as each depends only on --seed and its index). The originals take the training cases in
+order, the augmented ones continue from there, so each case serves once before any serves twice.
 
 Augmentation (§3.4.1): a flip, a random in-plane affine (rotation, scaling, translation) and a
-random elastic deformation (a smooth displacement field), all with nearest-neighbour label
-interpolation (scipy), so no new label appears. Conditions come from 04's extractor; sampling
-uses the EMA weights and Eq. 4 exactly, ε̃ = (1 + w)·ε(z, c) − w·ε(z), with both passes in one
-batch (the release skipped the formula at w = 1).
+random elastic deformation (a smooth displacement field), all nearest-neighbour (scipy), so no new
+label appears. Conditions come from 04's extractor; sampling uses the EMA weights and Eq. 4 exactly,
+ε̃ = (1 + w)·ε(z, c) − w·ε(z), both passes in one batch (the release skipped the formula at w = 1).
 
 Each sample has its own seed, so it is reproducible on its own, whatever the batch. Reruns skip
 finished samples; under torchrun, samples are shared out across GPUs.
@@ -61,8 +58,7 @@ def get_args(argv=None):
                         "rounded up, or what --n-augmented leaves of it)")
     a.add_argument("--n-augmented", type=at_least(0), default=None,
                    help="samples conditioned on augmented masks (default: the other half, or what "
-                        "--n-original leaves: a set is as large as the training set, §4.2, unless both "
-                        "are given)")
+                        "--n-original leaves of the training set's size, §4.2)")
     a.add_argument("--flip-prob", type=in_range(0, 1), default=0.5,
                    help="probability of a left-right flip (note: it moves the pancreas to the other side)")
     a.add_argument("--rotate", type=at_least(0.0, float), default=10.0, help="max in-plane rotation, degrees")
@@ -99,24 +95,20 @@ def get_args(argv=None):
 # --------------------------------------------------------------------------- augmentation
 def augment_mask(mask, rng, flip_prob=0.5, rotate=10.0, scale=(0.9, 1.1), translate=0.05, alpha=4.0,
                  sigma=8.0):
-    """(D, H, W) label mask -> augmented mask and the parameters drawn. Flip (W axis), in-plane
-    affine about the centre, smooth elastic field; nearest-neighbour throughout (labels stay labels)."""
+    """(D, H, W) mask -> (augmented, parameters drawn); W-axis flip, affine about the centre."""
     d, h, w = mask.shape
     flip = bool(rng.random() < flip_prob)
     angle = float(rng.uniform(-rotate, rotate))
     s = float(rng.uniform(*scale))
     shift = rng.uniform(-translate, translate, 2) * (h, w)
     out = mask[:, :, ::-1] if flip else mask
-    # output (y, x) samples input at centre + R⁻¹ (p - centre - shift) / s
-    # (rotation + scaling + translation)
+    # output (y, x) samples input at centre + R⁻¹ (p - centre - shift) / s, + the elastic field
     th = np.deg2rad(angle)
     rot_inv = np.array([[np.cos(th), np.sin(th)], [-np.sin(th), np.cos(th)]]) / s
     c = np.array([(h - 1) / 2, (w - 1) / 2])
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     src = (np.einsum("ij,jhw->ihw", rot_inv, np.stack([yy - c[0] - shift[0], xx - c[1] - shift[1]]))
-           + c[:, None, None])
-    field = elastic_field(rng, (h, w), alpha, sigma)
-    src = src + field
+           + c[:, None, None] + elastic_field(rng, (h, w), alpha, sigma))
     coords = np.stack([np.broadcast_to(np.arange(d)[:, None, None], (d, h, w)),
                        np.broadcast_to(src[0], (d, h, w)), np.broadcast_to(src[1], (d, h, w))])
     out = ndimage.map_coordinates(np.ascontiguousarray(out), coords, order=0, mode="constant",
@@ -126,16 +118,14 @@ def augment_mask(mask, rng, flip_prob=0.5, rotate=10.0, scale=(0.9, 1.1), transl
 
 
 def elastic_field(rng, shape, alpha, sigma):
-    """A smooth random in-plane displacement field (2, H, W): white noise, Gaussian-smoothed,
-    scaled so its largest displacement is `alpha` voxels."""
+    """(2, H, W) smooth in-plane displacement: Gaussian-smoothed white noise, max `alpha` voxels."""
     f = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
                   for _ in range(2)])
     return f * (alpha / max(np.abs(f).max(), 1e-8))
 
 
 def composition(n_original, n_augmented, n_train):
-    """(originals, augmented) from the flags: a set is as large as the training set (§4.2) unless both
-    are given; both unset -> half and half; one unset -> it takes what the other leaves."""
+    """(originals, augmented): n_train in all (§4.2) unless both given; half each if neither is."""
     if n_original is None and n_augmented is None:
         return n_train - n_train // 2, n_train // 2
     if n_original is None:
@@ -146,12 +136,9 @@ def composition(n_original, n_augmented, n_train):
 
 
 def condition_plan(names, n_original, n_augmented):
-    """[(sample id, source case, augmented?)]: the originals take the cases in order, the augmented
-    masks continue from there (cycling), so every case serves once before any serves twice."""
-    plan = []
-    for i in range(n_original + n_augmented):
-        plan.append((f"sample_{i:05d}", names[i % len(names)], i >= n_original))
-    return plan
+    """[(sample id, source case, augmented?)]: the cases in order, cycling, originals first."""
+    return [(f"sample_{i:05d}", names[i % len(names)], i >= n_original)
+            for i in range(n_original + n_augmented)]
 
 
 # --------------------------------------------------------------------------- main
@@ -197,8 +184,7 @@ def main(args):
         planned = {sid for sid, _, _ in plan}
         stale = [f for f in args.out.glob("sample_*")
                  if f.name.split(".")[0].removesuffix("_mask") not in planned]
-        # samples of an earlier, larger plan would be counted as part of this set
-        if stale and args.overwrite:
+        if stale and args.overwrite:  # an earlier, larger plan's samples would count in this set
             for f in stale:
                 f.unlink()
             print0(f"removed {len(stale)} files of samples outside the new plan from {args.out}")
@@ -206,9 +192,8 @@ def main(args):
     done = lambda sid: all((args.out / f"{sid}{ext}").exists()
                            for ext in (".nii.gz", "_mask.nii.gz", ".json"))
     todo = [p for p in mine if args.overwrite or not done(p[0])]
-    print0(f"{len(plan)} samples in the plan ({n_original} on original masks, "
-           f"{n_augmented} on augmented masks), "
-           f"{len(mine) - len(todo)} of this process's {len(mine)} done already; "
+    print0(f"{len(plan)} samples in the plan ({n_original} on original masks, {n_augmented} on "
+           f"augmented masks), {len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
            f"condition '{ckpt['model_kwargs']['extractor_kwargs']['mode']}', on {device} ({prec.name})")
     if latent_shape[-1] * latent_shape[-2] >= 32 * 32:  # the paper's latents are 8×8×64×64

@@ -10,32 +10,29 @@ Writes --out (default runs/eval):
     mds.png        Figure 4: classical MDS of the features, a least-squares ellipse per method
     cache/         features per folder (keyed on the files, the network, its weights and the crop)
 
-Sets are evaluated one at a time (the real set stays loaded, each synthetic set is read, measured
-and released), so memory holds two sets, not all of them: Table 2's nine sets at the paper's size
-would be some 75 GB at once.
+Sets are evaluated one at a time (the real set stays loaded; each synthetic set is read, measured,
+dropped), so memory holds two sets: all of Table 2's nine at the paper's size would be some 75 GB.
 
 The protocol is HA-GAN's, as the paper uses it (docs/reference.md §6):
   features  MedicalNet 3D ResNet-50 (global average pooled, 2048-d), volumes fed in [-1, 1];
   FID       Fréchet distance between Gaussian fits of the features;
   MMD       unbiased MMD² with a Gaussian kernel, bandwidth from the median heuristic;
-  localised the same on every volume (real and synthetic) cropped to the maximum bounding box of
-            the organ over the original mask set (02's masks of the training split; components under a
-            tenth of a mask's largest are left out, so one stray voxel cannot widen the box);
+  localised the same on every volume (real and synthetic) cropped to the organ's maximum bounding
+            box over the original mask set (02's masks of the training split; see organ_box);
   MS-SSIM   3-D, averaged over --pairs random pairs within a set (lower = more diverse); the
             real set's value is the reference row.
 Without --med3d-weights the network keeps a fixed-seed random initialisation; every output then
 says "random features — not comparable to the paper". The features still rank sets (a random
 network is a fixed non-linear embedding), but the scale of the numbers means nothing.
 
-Mask fidelity (our addition; the paper has no such check): does the generated anatomy follow
-the mask it was conditioned on? Train a small 2-D segmentation network on axial slices of
-(synthetic volume, its condition mask) and test it on the real test split against its masks;
-the same network trained on the real training split is the reference. A generator that puts the
-organ where the mask says yields a network that finds the organ in real CT. The network is trained
-on randomly shifted and flipped slices (--fidelity-shift), or masks that ignore their volumes would
-still teach it where the organ usually lies and score on real CT by position alone. A second, direct
-check: the organ contrast, the mean HU inside each volume's mask minus the 2-voxel shell around
-it, with the next volume's mask as a control (what the organ's usual position alone gives).
+Our additions, not in the paper: does the generated anatomy follow the mask it was conditioned on?
+Mask fidelity trains a small 2-D segmentation network on axial slices of (synthetic volume, its
+condition mask) and tests it on the real test split; the same network trained on the real training
+split is the reference: a generator that puts the organ where the mask says yields a network that
+finds it in real CT. Its training slices are randomly shifted and flipped (--fidelity-shift), or
+masks that ignore their volumes would still teach where the organ usually lies and score by position
+alone. Organ contrast, a direct check: mean HU inside each volume's mask minus the 2-voxel shell
+around it, with the next volume's mask as a control (what the organ's usual position alone gives).
 
     python 06_eval.py                                                     # runs/samples vs data/prep
     python 06_eval.py --fake lad=runs/samples --fake v0=runs/samples_v0 --med3d-weights pretrain/resnet_50.pth
@@ -58,7 +55,7 @@ from common import (ArgumentParser, at_least, atomic_path, bar, check_masks_curr
                     in_range, load_stage, named_dir, pick_device, prepare_out, read_nifti, read_split,
                     run_stage, save_figure, save_json, seed_everything, sizing_note, xyz_to_dhw)
 
-dice = load_stage("02_masks").dice  # one Dice: None for two empty masks
+dice = load_stage("02_masks").dice  # one Dice (None for two empty masks); the fidelity probe's
 vqgan = load_stage("03_vqgan")  # mask_box, ssim_and_cs
 
 RANDOM_NOTE = "random features — not comparable to the paper"
@@ -71,8 +68,7 @@ def get_args(argv=None):
     p.add_argument("--real-split", choices=["all", "train", "test"], default="all",
                    help="real volumes the synthetic sets are compared with (FID, MMD, MS-SSIM)")
     p.add_argument("--fake", action="append", type=named_dir, metavar="NAME=DIR", default=None,
-                   help="a synthetic set (05's output); repeat for several methods "
-                        "(default: lad=runs/samples)")
+                   help="a synthetic set (05's output), one per method; default lad=runs/samples")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     f = p.add_argument_group("features (HA-GAN protocol, docs/reference.md §6)")
     f.add_argument("--med3d-depth", type=int, choices=sorted(MEDICALNET_ARCH), default=50,
@@ -101,13 +97,12 @@ def get_args(argv=None):
 
 
 # --------------------------------------------------------------------------- MedicalNet (Med3D 3-D ResNet)
-# depth -> (block, blocks per layer, shortcut type of the released checkpoint).
-# Shortcut types: Tencent/MedicalNet README.md, "Network structure parameter settings" (resnet_10.pth B,
-# resnet_18.pth A, resnet_34.pth A, resnet_50/101/152/200.pth B) and the 2019/07/30 update (the
-# *_23dataset.pth files: 10 B, 18 A, 34 A, 50 B). Project-MONAI/MONAI monai/networks/nets/resnet.py
-# (get_medicalnet_pretrained_resnet_args, "after testing"; it loads these files with strict=True) agrees,
-# and so do the README's parameter counts (14.36 / 32.99 / 63.31 / 46.21 M for 10 / 18 / 34 / 50 equal this
-# backbone's parameters plus BN running statistics only with these types). Note that ResNet-10 is B.
+# depth -> (block, blocks per layer, shortcut type of the released checkpoint; note that ResNet-10
+# is B), as in Tencent/MedicalNet README.md ("Network structure parameter settings" and the
+# 2019/07/30 *_23dataset.pth update) and Project-MONAI/MONAI monai/networks/nets/resnet.py
+# (get_medicalnet_pretrained_resnet_args, "after testing"; it loads these files with strict=True).
+# Only these types make the README's parameter counts (14.36 / 32.99 / 63.31 / 46.21 M for
+# 10 / 18 / 34 / 50) equal this backbone's parameters plus BN running statistics.
 MEDICALNET_ARCH = {
     10: ("basic", (1, 1, 1, 1), "B"),
     18: ("basic", (2, 2, 2, 2), "A"),
@@ -118,9 +113,8 @@ MEDICALNET_ARCH = {
     200: ("bottleneck", (3, 24, 36, 3), "B"),
 }
 
-# `--med3d-weights auto` fetches the copy on Hugging Face that MONAI downloads
-# (monai/networks/nets/resnet.py); Tencent's README distributes the same files only inside a zip
-# archive (MEDICALNET_HELP).
+# `--med3d-weights auto` fetches the Hugging Face copy that MONAI's resnet.py downloads; Tencent's
+# README distributes the same files only inside a zip archive (MEDICALNET_HELP).
 MEDICALNET_URL = ("https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet{depth}/resolve/main/"
                   "resnet_{depth}.pth")
 MEDICALNET_HELP = """MedicalNet weights: the Tencent/MedicalNet README distributes them in one archive,
@@ -137,7 +131,6 @@ class ZeroPadShortcut(nn.Module):
     """Shortcut A: subsample by the stride and append zero channels (MedicalNet's
     `downsample_basic_block`: avg_pool3d with kernel 1 is plain subsampling). No parameters,
     hence no state-dict keys, as in the released 18/34 checkpoints."""
-
     def __init__(self, out_channels, stride):
         super().__init__()
         self.out_channels, self.stride = out_channels, stride
@@ -205,23 +198,18 @@ def resnet_layer(block, in_channels, planes, n, stride=1, dilation=1, first_dila
     out_channels = planes * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:
-        if shortcut == "A":
-            downsample = ZeroPadShortcut(out_channels, stride)
-        else:
-            downsample = conv_bn_shortcut(in_channels, out_channels, stride, dims)
-    first = first_dilation or dilation
-    layers = [block(in_channels, planes, stride, first, downsample, dims)]
+        downsample = (ZeroPadShortcut(out_channels, stride) if shortcut == "A"
+                      else conv_bn_shortcut(in_channels, out_channels, stride, dims))
+    layers = [block(in_channels, planes, stride, first_dilation or dilation, downsample, dims)]
     layers += [block(out_channels, planes, 1, dilation, dims=dims) for _ in range(1, n)]
     return nn.Sequential(*layers)
 
 
 class MedicalNet(nn.Module):
-    """Med3D 3-D ResNet-{10, 18, 34, 50, 101, 152, 200} as a feature extractor.
-
-    conv1 7³ stride 2 (64 ch) -> BN -> ReLU -> maxpool 3³ stride 2 -> layer1 (64) -> layer2 (128, stride 2)
-    -> layer3 (256, dilation 2) -> layer4 (512, dilation 4): output stride 8. The released `conv_seg`
-    decoder is replaced by global average pooling (HA-GAN), giving (N, 512 · expansion)."""
-
+    """Med3D 3-D ResNet-{10, 18, 34, 50, 101, 152, 200} as a feature extractor: conv1 7³ stride 2
+    (64 ch) -> BN -> ReLU -> maxpool 3³ stride 2 -> layer1 (64) -> layer2 (128, stride 2) -> layer3
+    (256, dilation 2) -> layer4 (512, dilation 4): output stride 8. The released `conv_seg` decoder
+    is replaced by global average pooling (HA-GAN), giving (N, 512 · expansion)."""
     def __init__(self, depth=50):
         super().__init__()
         if depth not in MEDICALNET_ARCH:
@@ -285,12 +273,10 @@ def download_medicalnet(depth):
 
 
 def load_medicalnet(depth=50, weights=None, device="cpu"):
-    """-> (model in eval mode on `device`, note on where its weights came from).
-
-    weights: None  random weights (seed 0); the note says the features are not comparable to the paper
-             path  a released resnet_<depth>.pth; every key must match (strict), else ValueError
-             "auto" download MEDICALNET_URL once into torch.hub's cache (needs internet)
-    """
+    """-> (model in eval mode on `device`, note on where its weights came from). weights: None =
+    random (seed 0; the note says the features are not comparable to the paper); a path = a released
+    resnet_<depth>.pth whose keys must all match (strict), else ValueError; "auto" = download
+    MEDICALNET_URL once into torch.hub's cache (needs internet)."""
     with torch.random.fork_rng(devices=[]):  # PyTorch's default init must not move the caller's RNG
         model = MedicalNet(depth)
     if weights is None:
@@ -350,7 +336,6 @@ def fid(a, b, eps=1e-6):
         raise ValueError(f"fid: needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("fid: features hold NaN or inf")
-    mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     # with fewer volumes than features Σ is singular; the check below decides
     with warnings.catch_warnings():
@@ -364,21 +349,18 @@ def fid(a, b, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"fid: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(Σa Σb)")
         covmean = covmean.real
-    diff = mu1 - mu2
+    diff = a.mean(0) - b.mean(0)  # μa − μb
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 def mmd(a, b):
-    """Unbiased MMD² between feature sets a (N, F) and b (M, F) with k(x, y) = exp(−α‖x − y‖²),
-    as HA-GAN computes it (batmanlab/HA-GAN evaluation/fid_score.py calls
-    MMDStatistic(..., alphas='median') of Li Sun's torch-two-sample, josipd/torch-two-sample
-    PR #10, torch_two_sample/statistics_diff.py):
-
+    """Unbiased MMD² of feature sets a (N, F) and b (M, F) with k(x, y) = exp(−α‖x − y‖²), as HA-GAN
+    computes it: batmanlab/HA-GAN evaluation/fid_score.py uses MMDStatistic(..., alphas='median') of
+    Li Sun's torch-two-sample (josipd/torch-two-sample PR #10, torch_two_sample/statistics_diff.py):
       α = 1 / median², the median taken over the whole (N+M)² matrix of pooled pairwise distances —
-          zero diagonal and both triangles included — and, as torch.median, the lower of the two middle
-          values; distances are sqrt(‖x − y‖² + 1e-5) (torch_two_sample/util.py pdist);
-      MMD² = mean_{i≠j} k(a_i, a_j) + mean_{i≠j} k(b_i, b_j) − 2 mean_{i,j} k(a_i, b_j).
-    """
+          zero diagonal and both triangles included — and, as torch.median, the lower of the two
+          middle values; distances are sqrt(‖x − y‖² + 1e-5) (torch_two_sample/util.py pdist);
+      MMD² = mean_{i≠j} k(a_i, a_j) + mean_{i≠j} k(b_i, b_j) − 2 mean_{i,j} k(a_i, b_j)."""
     a, b = as_float64(a), as_float64(b)
     n, m = len(a), len(b)
     x = np.concatenate([a, b])
@@ -398,14 +380,13 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def ms_ssim_3d(x, y, data_range):
-    """MS-SSIM of two (N, C, D, H, W) batches -> (N,), averaged over channels (the caller averages over N).
-
-    5 scales with weights MS_SSIM_WEIGHTS; between scales avg_pool3d(kernel 2) with padding 1 on
-    odd axes (zeros counted in the mean, as pytorch-msssim); ReLU on each cs and on the last SSIM;
-    result ∏_{i<5} cs_i^{w_i} · ssim_5^{w_5}. Unlike pytorch-msssim there is no minimum-size assert:
-    axes shorter than the 11-voxel window are not smoothed (03's gaussian_smooth), and an axis
-    pooled down to one voxel is not pooled further (so 8 or 12 slices work). Computed in float64
-    for float64 inputs, else float32."""
+    """MS-SSIM of two (N, C, D, H, W) batches -> (N,), averaged over channels (the caller
+    averages over N). 5 scales with weights MS_SSIM_WEIGHTS; between scales avg_pool3d(kernel 2)
+    with padding 1 on odd axes (zeros counted in the mean, as pytorch-msssim); ReLU on each cs
+    and on the last SSIM; result ∏_{i<5} cs_i^{w_i} · ssim_5^{w_5}. Unlike pytorch-msssim there
+    is no minimum-size assert: axes shorter than the 11-voxel window are not smoothed (03's
+    gaussian_smooth), and an axis pooled down to one voxel is not pooled further (so 8 or 12
+    slices work). Float64 for float64 inputs, else float32."""
     if x.shape != y.shape or x.ndim != 5:
         raise ValueError(f"ms_ssim_3d expects two (N, C, D, H, W) tensors of one shape, "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -451,18 +432,10 @@ def volume_to_unit(arr, hu, path):
     return arr.astype(np.float32)
 
 
-def check_volume(vol, path):
-    """A volume that is one value everywhere (what a diverged generator writes) is not an image."""
-    if vol.min() == vol.max():
-        raise ValueError(f"{path}: every voxel is {vol.min():g}: not an image (a diverged model?)")
-    return vol
-
-
 def load_set(pairs, hu, shape=None):
     """[(image path, mask path or None)] -> (names, volumes (N, D, H, W) float32 [0, 1], masks list).
-
-    A file that cannot be read, or whose shape differs from `shape` (the real set's), is
-    reported and skipped: one bad volume does not stop an evaluation."""
+    A file that cannot be read, or whose shape differs from `shape` (the real set's), is reported
+    and skipped: one bad volume does not stop an evaluation."""
     names, vols, masks = [], [], []
     for img, msk in bar(pairs, desc="read"):
         try:
@@ -471,7 +444,9 @@ def load_set(pairs, hu, shape=None):
             if shape is not None and vol.shape != tuple(shape):
                 raise ValueError(f"{img}: shape {vol.shape} (D, H, W), expected {tuple(shape)} "
                                  f"like the real set")
-            check_volume(vol, img)
+            if vol.min() == vol.max():  # one value everywhere: what a diverged generator writes
+                raise ValueError(f"{img}: every voxel is {vol.min():g}: not an image "
+                                 f"(a diverged model?)")
             m = None
             if msk is not None and msk.exists():
                 m = xyz_to_dhw(read_nifti(msk, None)[0]).astype(np.uint8)
@@ -515,9 +490,8 @@ def set_composition(folder):
 def organ_box(masks, min_fraction=0.1):
     """[z0, z1, y0, y1, x0, x1): the maximum bounding box of the organ (labels > 0) over a mask set
     (§4.2, localised FID/MMD; the paper takes the original mask set, here its training masks). Per
-    mask, connected components (26-connected) smaller than `min_fraction` of its largest one are left
-    out, so a stray voxel of a predicted mask cannot widen the box to the whole volume. None if
-    every mask is empty."""
+    mask, components (26-connected) under `min_fraction` of its largest are left out, so a predicted
+    mask's stray voxel cannot widen the box to the whole volume. None if every mask is empty."""
     box = None
     for m in masks:
         parts, n = ndimage.label(m > 0, structure=np.ones((3, 3, 3)))
@@ -565,15 +539,13 @@ def classical_mds(x, k=2):
     d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
     n = len(x)
     j = np.eye(n) - 1.0 / n
-    b = -0.5 * j @ d2 @ j
-    w, v = np.linalg.eigh(b)
+    w, v = np.linalg.eigh(-0.5 * j @ d2 @ j)
     top = np.argsort(w)[::-1][:k]
     return v[:, top] * np.sqrt(np.clip(w[top], 0, None))
 
 
 def fit_ellipse(xy):
-    """Direct least-squares ellipse fit (Fitzgibbon et al. 1999, in Halír & Flusser's stable form).
-
+    """Direct least-squares ellipse fit (Fitzgibbon et al. 1999, in Halír & Flusser's stable form):
     xy (N, 2), N >= 5 -> (centre (2,), semi-axes (2,), angle of the first axis in radians),
     or None when the points admit no ellipse (collinear, too few)."""
     xy = np.asarray(xy, np.float64)
@@ -591,8 +563,7 @@ def fit_ellipse(xy):
         return None
     m = s1 + s2 @ t
     m = np.array([m[2] / 2, -m[1], m[0] / 2])  # C⁻¹ M with the constraint 4ac − b² = 1
-    w, v = np.linalg.eig(m)
-    v = np.real(v)
+    v = np.real(np.linalg.eig(m)[1])  # eigenvectors
     ok = 4 * v[0] * v[2] - v[1] ** 2 > 0
     if not ok.any():
         return None
@@ -635,11 +606,10 @@ def plot_mds(path, embed, groups, title):
     save_figure(fig, path, dpi=110)
 
 
-# --------------------------------------------------------------------------- mask fidelity
+# -------------------------------------------------- mask fidelity (our addition, not in the paper)
 class SegNet2D(nn.Module):
     """A small 2-D U-Net (3 levels): (B, 1, H, W) slice -> (B, 3, H, W) logits (background,
     organ, tumour). Only a probe of the data, so deliberately plain."""
-
     def __init__(self, width=16, classes=3):
         super().__init__()
         block = lambda i, o: nn.Sequential(
@@ -664,11 +634,9 @@ class SegNet2D(nn.Module):
 
 def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
     """Train SegNet2D on the axial slices of (vols (N, D, H, W) [0, 1], masks (N, D, H, W) 0/1/2):
-    cross-entropy + soft Dice on the organ, half of each batch drawn from slices that show it.
-    Each batch is rolled by a random in-plane shift of up to `shift` × the slice size and flipped
-    left-right half of the time, image and mask together. Without that, masks that ignore their
-    volume (an unconditional generator's) still teach the organ's usual position, and a network
-    trained on them scores on real CT by position alone."""
+    cross-entropy + soft Dice on the organ, half of each batch drawn from slices that show it. Each
+    batch is rolled by a random in-plane shift of up to `shift` × the slice size and flipped
+    left-right half of the time, image and mask together (the module docstring says why)."""
     g = torch.Generator(device=device).manual_seed(seed)  # slices drawn on the device: no copy per step
     g_cpu = torch.Generator().manual_seed(seed)            # shifts and flips: Python ints, no device sync
     torch.manual_seed(seed)
@@ -693,8 +661,7 @@ def train_segnet(vols, masks, steps, batch, width, device, seed, shift=0.0):
             xb, yb = xb.roll((dy, dx), (-2, -1)), yb.roll((dy, dx), (-2, -1))
             xb, yb = (xb.flip(-1), yb.flip(-1)) if flip else (xb, yb)
         logits = net(xb)
-        prob = logits.softmax(1)
-        fg = prob[:, 1:].sum(1)
+        fg = logits.softmax(1)[:, 1:].sum(1)  # organ or tumour probability
         ref = (yb > 0).float()
         soft_dice = 1 - (2 * (fg * ref).sum() + 1) / (fg.sum() + ref.sum() + 1)
         loss = F.cross_entropy(logits, yb) + soft_dice
@@ -720,8 +687,8 @@ def segment(net, vols, device, batch=64):
 
 def fidelity(train_vols, train_masks, test_vols, test_masks, args, device):
     """Organ and tumour Dice on the real test volumes of a network trained on (train_vols, train_masks)."""
-    net = train_segnet(train_vols, train_masks, args.fidelity_steps, args.fidelity_batch, args.fidelity_width,
-                       device, args.seed, args.fidelity_shift)
+    net = train_segnet(train_vols, train_masks, args.fidelity_steps, args.fidelity_batch,
+                       args.fidelity_width, device, args.seed, args.fidelity_shift)
     pred = segment(net, test_vols, device)
     # 02's Dice: a test mask without organ (or tumour) and a prediction without one score nothing
     organ = [dice(p > 0, m > 0) for p, m in zip(pred, test_masks)]
@@ -733,7 +700,7 @@ def fidelity(train_vols, train_masks, test_vols, test_masks, args, device):
             "n_test_with_tumour": len(tumour)}
 
 
-# --------------------------------------------------------------------------- organ contrast
+# -------------------------------------------------- organ contrast (our addition, not in the paper)
 def organ_contrast(vols, masks, shell=2):
     """Does the organ show where the mask says? Per volume: the mean intensity inside the mask's organ
     (labels > 0) minus the mean over the `shell`-voxel layer around it (6-connected dilation). (N,) on
@@ -808,9 +775,8 @@ def main(args):
     train_masks = [xyz_to_dhw(read_nifti(m, None)[0])
                    for _, m in real_pairs(args.real, split["train"]) if m.exists()]
     box = organ_box(train_masks)
-    print(f"real: {len(real)} volumes {tuple(shape)} ({args.real_split}); "
-          f"synthetic sets: {', '.join(args.fake)}; "
-          f"organ box {box} (over {len(train_masks)} training masks)")
+    print(f"real: {len(real)} volumes {tuple(shape)} ({args.real_split}); synthetic sets: "
+          f"{', '.join(args.fake)}; organ box {box} (over {len(train_masks)} training masks)")
 
     model, note = load_medicalnet(args.med3d_depth, args.med3d_weights, device)
     random_features = args.med3d_weights is None
@@ -824,7 +790,7 @@ def main(args):
     wkey = hashlib.sha1(f"{args.med3d_depth}|{wid}".encode()).hexdigest()[:8]  # cache key: network + weights
     seconds = {"features": 0.0, "metrics": 0.0, "fidelity": 0.0}
 
-    # --- the real test split and the real training set of the fidelity probe
+    # --- the real test split and the real training set of the fidelity probe (our addition)
     loaded = dict(zip(names, zip(real, real_masks)))  # the real volumes read above are not read again
 
     def real_split_set(wanted):
@@ -840,7 +806,7 @@ def main(args):
         print(f"mask fidelity skipped: no masks for the real test split in {args.real / 'masks'}")
 
     # --- one set at a time: features (holistic, localised), MS-SSIM, organ contrast, fidelity
-    def embed(vols):  # (N, D, H, W) in [0, 1] -> MedicalNet features (N, F)
+    def set_features(vols):  # (N, D, H, W) in [0, 1] -> MedicalNet features (N, F)
         x = torch.from_numpy(np.ascontiguousarray(vols))[:, None] * 2 - 1  # (N, 1, D, H, W) in [-1, 1]
         return features(model, x, args.batch_size)
 
@@ -858,11 +824,11 @@ def main(args):
                                  f"shape {tuple(shape)}; a set needs at least 2 (the paper's hold as many as "
                                  f"the real set)")
         key = f"{file_key(pairs)}_{wkey}"
-        feats[name] = cached_features(args.out / "cache", name, key, embed, vols)
+        feats[name] = cached_features(args.out / "cache", name, key, set_features, vols)
         if box is not None:
             bkey = hashlib.sha1(str(box).encode()).hexdigest()[:6]
             feats_local[name] = cached_features(args.out / "cache", f"{name}_local", f"{key}_{bkey}",
-                                                embed, crop(vols, box))
+                                                set_features, crop(vols, box))
         seconds["features"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -902,10 +868,8 @@ def main(args):
         del vols, masks  # a synthetic set leaves memory before the next is read
 
     # --- outputs
-    groups, offset = {}, 0
-    for name, f in feats.items():
-        groups[name] = np.arange(offset, offset + len(f))
-        offset += len(f)
+    ends = np.cumsum([len(f) for f in feats.values()])  # each set's rows in the stacked features
+    groups = {name: np.arange(end - len(f), end) for (name, f), end in zip(feats.items(), ends)}
     embed = classical_mds(np.concatenate(list(feats.values())))
     title = (f"MDS of MedicalNet ResNet-{args.med3d_depth} features"
              + (f"\n({RANDOM_NOTE})" if random_features else ""))
@@ -918,8 +882,7 @@ def main(args):
                          "width": args.fidelity_width, "test": "real test split"},
             "seconds": seconds}
     save_json({"settings": meta, "results": results}, args.out / "metrics.json")
-    table = write_table(args.out / "table.md", results, f"Features: {note}.")
-    print(table)
+    print(write_table(args.out / "table.md", results, f"Features: {note}."))
     print(f"wrote {args.out / 'metrics.json'}, {args.out / 'table.md'}, {args.out / 'mds.png'} in "
           f"{time.perf_counter() - t_start:.0f} s (features {seconds['features']:.0f} s, metrics "
           f"{seconds['metrics']:.0f} s, fidelity {seconds['fidelity']:.0f} s)")

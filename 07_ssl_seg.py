@@ -4,12 +4,10 @@ Reads  --prep (default data/prep): images/ ([0, 1]), labels/ (1 liver, 2 kidney,
        5 tumour), split.json, config.json (01's HU window); each --synthetic NAME=DIR (default
        lad=runs/samples): 05's <id>.nii.gz (int16 HU; the <id>_mask.nii.gz condition masks are not used).
 Writes --out (default runs/ssl):
-    results.json      every run (training set × seed): per-organ Dice of each query volume, timings;
-                      and the mean ± std over seeds per training set. A finished run is not redone
-                      (unless --overwrite)
+    results.json      every run (training set × seed): Dice per organ and query volume, timings; the
+                      mean ± std over seeds per set; finished runs are not redone unless --overwrite
     table.md          Fig. 6 as a table: Dice per organ and the mean, mean ± std over the runs
     dice.png          Fig. 6: bars per organ, one per training set, error bars = std over the runs
-    episodes.png      a few training episodes (support / query, pseudo-label outlined) to check by eye
     settings.json     the settings the folder was made with (a rerun with others needs --overwrite)
     superpixels/<source>/<name>.npz   pseudo-labels per volume, void when the volume file changes
     checkpoints/<set>_seed<k>.pt      the network of each run (resumed from, if a run was interrupted)
@@ -61,7 +59,8 @@ from common import (ArgumentParser, at_least, atomic_path, bar, check_order, csv
                     save_checkpoint, save_figure, save_json, seed_everything, sizing_note, start_run,
                     xyz_to_dhw)
 
-# shared with 06: volume_to_unit (05's HU -> [0, 1]), fake_pairs, dice, the ResNet blocks
+# from earlier stages: 02's Dice, 03's Gaussian smoothing; 06's volume_to_unit (05's HU -> [0, 1]),
+# fake_pairs and ResNet blocks
 dice = load_stage("02_masks").dice   # one Dice: None for two empty masks
 vqgan = load_stage("03_vqgan")      # gaussian_smooth
 evaluation = load_stage("06_eval")
@@ -76,8 +75,7 @@ def get_args(argv=None):
     p.add_argument("--prep", type=Path, default=Path("data/prep"),
                    help="01's output: images/, labels/, split.json")
     p.add_argument("--synthetic", action="append", type=named_dir, metavar="NAME=DIR", default=None,
-                   help="a synthetic set (05's output); repeat to compare methods, e.g. lad and v0 (Fig. 6) "
-                        "(default: lad=runs/samples)")
+                   help="05's output, repeatable (Fig. 6: lad and v0); default: lad=runs/samples")
     p.add_argument("--out", type=Path, default=Path("runs/ssl"),
                    help="results, table, figure, caches, checkpoints")
     p.add_argument("--train", nargs="+", choices=["real", "synthetic", "mixed"],
@@ -85,30 +83,25 @@ def get_args(argv=None):
                    help="training sets (§4.3): the real training split; each synthetic set alone (§4.3.1); "
                         "the real set plus synthetic volumes (§4.3.2)")
     p.add_argument("--mix-fraction", type=at_least(0.0, float), default=0.2,
-                   help="synthetic volumes added in 'mixed', as a fraction of the real set "
-                        "(§4.3.2: about 20%%)")
+                   help="synthetic volumes in 'mixed' per real volume (§4.3.2: about 20%%)")
     p.add_argument("--runs", type=at_least(1), default=5,
                    help="runs per training set, seeds 0..runs-1 (§4.3: 5 runs)")
     p.add_argument("--organs", nargs="+", default=["liver=1", "kidney=2", "spleen=3", "pancreas=4,5"],
                    help="NAME=IDS test classes (Fig. 6); pancreas includes its tumour (01's label 5)")
     p.add_argument("--support-case", default=None,
-                   help="the labelled 1-shot support volume (default: the first test case; "
-                        "the reference uses a scan held out of training, validation.py); "
-                        "the other test cases are the queries")
+                   help="the labelled 1-shot support volume; the other test cases are the queries "
+                        "(default: the first test case; reference: a held-out scan, validation.py)")
     m = p.add_argument_group("network (models/backbone/torchvision_backbones.py)")
     m.add_argument("--backbone", choices=sorted(RESNETS), default="resnet101",
-                   help="ResNet, output stride 8 (reference: deeplabv3_resnet101's backbone); "
-                        "resnet18 for the CPU")
+                   help="ResNet, output stride 8 (reference: deeplabv3_resnet101); CPU: resnet18")
     m.add_argument("--backbone-weights", default=None,
-                   help="torchvision-layout ResNet or DeepLabV3 state dict (heads dropped, the rest "
-                        "strict); 'auto' downloads the COCO DeepLabV3-ResNet-101 the reference starts "
-                        "from; none = random init")
+                   help="torchvision ResNet or DeepLabV3 state dict (heads dropped, rest strict); "
+                        "'auto': get the reference's COCO DeepLabV3-ResNet-101; none: random init")
     m.add_argument("--channels", type=at_least(1), default=256,
                    help="feature channels after the 1×1 conv (reference: 256)")
     s = p.add_argument_group("superpixel pseudo-labels (data/pseudolabel_gen.ipynb)")
     s.add_argument("--window", type=float, nargs=2, default=(-125.0, 275.0),
-                   help="HU window of the network input and the superpixels "
-                        "(data/SABS/intensity_normalization.ipynb)")
+                   help="input and superpixel HU window (data/SABS/intensity_normalization.ipynb)")
     s.add_argument("--sp-min-size", type=at_least(1), default=400,
                    help="Felzenszwalb min_size, pixels (reference 400 at 256²)")
     s.add_argument("--sp-sigma", type=at_least(0.0, float), default=1.0,
@@ -126,8 +119,7 @@ def get_args(argv=None):
     a.add_argument("--elastic-alpha", type=at_least(0.0, float), default=10.0,
                    help="elastic displacement scale, pixels (0 = off)")
     a.add_argument("--elastic-sigma", type=positive, default=5.0, help="elastic smoothing σ, pixels")
-    a.add_argument("--gamma", type=positive, nargs=2, default=(0.5, 1.5),
-                   help="gamma range of the intensity transform")
+    a.add_argument("--gamma", type=positive, nargs=2, default=(0.5, 1.5), help="image gamma range")
     q = p.add_argument_group("prototypes and loss (models/alpmodule.py, util/utils.py)")
     q.add_argument("--pool-train", type=at_least(1), default=4,
                    help="local pooling window L in training, feature pixels "
@@ -156,8 +148,7 @@ def get_args(argv=None):
                    help="support chunks along z (reference n_sup_part 3)")
     e.add_argument("--eval-batch", type=at_least(1), default=32, help="query slices per forward pass")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast of the network (auto: bf16 on CUDA, fp32 on the CPU); "
-                        "prototypes are always fp32")
+                   help="autocast (auto: bf16 on CUDA, fp32 on the CPU); prototypes always fp32")
     p.add_argument("--device", default="auto", help="auto: the first GPU if there is one, else the CPU")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs and accept changed settings")
     args = p.parse_args(argv)
@@ -182,20 +173,15 @@ def get_args(argv=None):
 # torchvision's layout and key names (conv1, bn1, layer1..4, downsample.0/1), so its ImageNet ResNets
 # and the DeepLabV3 backbone the reference uses load strictly. Layers 3 and 4 trade their stride for
 # dilation (replace_stride_with_dilation=[False, True, True], as torchvision's deeplabv3_resnet101): a
-# 256² slice gives 32² features. The blocks of a dilated layer follow torchvision: the first keeps the
-# previous dilation.
+# 256² slice gives 32² features. The residual blocks are 06's MedicalNet blocks in 2-D (dims=2):
+# torchvision's layers and key names; torchvision refuses dilation in BasicBlock, these allow it, so
+# resnet18/34 give output stride 8 too (CPU runs).
 RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
 
 
-# The residual blocks are 06's MedicalNet blocks in 2-D (dims=2): the same layers and key names as
-# torchvision's. torchvision refuses dilation in BasicBlock; these allow it, so resnet18/34 give output
-# stride 8 too (CPU runs).
-
-
 class ResNet(nn.Module):
     """(B, 3, H, W) -> (B, 512·expansion, H/8, W/8). No fc head (ALPNet uses the feature map)."""
-
     def __init__(self, name="resnet101"):
         super().__init__()
         kind, blocks = RESNETS[name]
@@ -229,7 +215,6 @@ class SliceEncoder(nn.Module):
     without bias (the reference's `localconv`). The slice is repeated to 3 channels, as the reference does
     (tile_z_dim = 3): conv1 keeps torchvision's (64, 3, 7, 7) shape, so pretrained weights load unchanged;
     it costs one 3-channel input layer, nothing else."""
-
     def __init__(self, backbone="resnet101", channels=256):
         super().__init__()
         self.backbone = ResNet(backbone)
@@ -286,26 +271,22 @@ def safe_norm(x, dim=1, eps=1e-4):
 
 
 def alp_score(qry, sup, mask, window, thresh=0.95, with_global=False, gate_window=None):
-    """Similarity of each query pixel to one class (models/alpmodule.py, MultiProtoAsConv).
-
-    qry (Q, C, h, w) and sup (S, C, h, w) features; mask (S, 1, h, w) the class in the support, in [0, 1] at
-    feature resolution. Local prototypes: support features average-pooled over window × window cells, kept
-    where the pooled mask exceeds `thresh`. with_global adds the masked average of the features (one per
-    shot): the reference's 'gridconv+' (foreground), without it 'gridconv' (background). gate_window: the
-    local prototypes count only if some gate_window² cell is ≥ thresh inside the class, else the global one
-    alone is used ('mask' mode; the reference tests avg_pool(mask, 4) for this). Returns (Q, 1, h, w):
-    Σ_k softmax_k(s) s_k with s_k = 20 · cos(query, prototype k) over the valid prototypes; 0 if none.
-
-    Invalid prototypes are masked rather than dropped, so shapes never depend on the data: no host sync.
-    """
+    """Score (Q, 1, h, w) of each query pixel for one class (models/alpmodule.py, MultiProtoAsConv):
+    qry (Q, C, h, w), sup (S, C, h, w) features; mask (S, 1, h, w) the class in the support, in
+    [0, 1], at feature resolution. Local prototypes: support features average-pooled over
+    window × window cells whose pooled mask exceeds `thresh`. with_global adds each shot's masked
+    average (the reference's 'gridconv+', foreground; without: 'gridconv', background). gate_window:
+    the local prototypes count only if some gate_window² cell is ≥ thresh inside the class, else the
+    global one alone ('mask' mode; the reference tests avg_pool(mask, 4)). Returns
+    Σ_k softmax_k(s) s_k, s_k = 20 · cos(query, prototype k) over the valid prototypes; 0 if none.
+    Invalid prototypes are masked, not dropped: shapes never depend on the data (no host sync)."""
     c = sup.shape[1]
     protos = F.avg_pool2d(sup, window).flatten(2).transpose(1, 2).reshape(-1, c)   # (S·cells, C)
     valid = F.avg_pool2d(mask, window).flatten() > thresh                          # (S·cells,)
     if gate_window is not None:
         valid = valid & (F.avg_pool2d(mask, gate_window).amax() >= thresh)
     if with_global:
-        # (S, C) masked average pooling
-        glob = (sup * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-5)
+        glob = (sup * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-5)  # (S, C) masked average pooling
         protos, valid = torch.cat([protos, glob]), torch.cat([valid, valid.new_ones(len(glob))])
     sim = 20 * torch.einsum("qchw,pc->qphw", safe_norm(qry), safe_norm(protos))     # (Q, P, h, w)
     keep = valid[None, :, None, None]
@@ -345,8 +326,7 @@ def to_window(vol, hu, window):
 
 
 def body_mask(slice255, thresh=1e-4):
-    """The patient: above `thresh`, largest connected component, holes filled (pseudolabel_gen.ipynb
-    fg_mask2d)."""
+    """Body: above `thresh`, largest component, holes filled (pseudolabel_gen.ipynb fg_mask2d)."""
     fg = slice255 > thresh
     lab, n = ndimage.label(fg)
     if n == 0:
@@ -397,8 +377,7 @@ def load_volume(job):
 
 
 def load_sources(jobs, workers):
-    """{(source, name): job} -> {(source, name): (vol, superpixels)}; unreadable volumes reported and
-    skipped."""
+    """{(source, name): job} -> {(source, name): (vol, superpixels)}; skips unreadable volumes."""
     out, cached, bad = {}, 0, 0
     keys = list(jobs)
     if workers <= 1:
@@ -445,10 +424,9 @@ def inv2x2(a):
 
 
 def sampling_grid(h, w, a_inv, t, disp):
-    """grid_sample grid (N, H, W, 2) of the warp out(p) = in(c + A⁻¹ (p + d(p) − c − t)): an affine map
-    about the centre c (linear part A, shift t, both in (x, y) pixels) followed by the elastic
-    displacement d (N, 2, H, W), in one resampling. align_corners=False: pixel i has normalised
-    coordinate (2i + 1)/size − 1."""
+    """grid_sample grid (N, H, W, 2) of the warp out(p) = in(c + A⁻¹ (p + d(p) − c − t)): an affine
+    map about the centre c (linear part A, shift t, in (x, y) pixels), then the elastic displacement
+    d (N, 2, H, W), in one resampling. align_corners=False: pixel i sits at (2i + 1)/size − 1."""
     ys, xs = torch.meshgrid(torch.arange(h, device=t.device), torch.arange(w, device=t.device), indexing="ij")
     cx, cy = (w - 1) / 2, (h - 1) / 2                     # Python numbers: no host-to-device copy per step
     qx = xs + disp[:, 0] - cx - t[:, 0, None, None]       # (N, H, W)
@@ -459,12 +437,11 @@ def sampling_grid(h, w, a_inv, t, disp):
 
 
 def augment(x, m, gen, args):
-    """Independent random augmentations of each of N slices: x (N, 1, H, W) z-scored images,
-    m (N, 1, H, W) 0/1 masks -> the same, warped. As sabs_aug: rotation, shift, shear, isotropic scaling,
-    elastic field (α × Gaussian-smoothed uniform noise), then gamma on the image. Images are resampled
-    bilinearly with zero padding (the dataset mean, as cv2's constant border on the normalised image);
-    masks bilinearly, > 0.5. We apply rotation, shear and scaling about the centre; the reference shears
-    about the corner."""
+    """Independent random augmentations of N slices: x (N, 1, H, W) z-scored images, m (N, 1, H, W)
+    0/1 masks -> the same, warped. As sabs_aug: rotation, shift, shear, isotropic scaling, elastic
+    field (α × Gaussian-smoothed uniform noise), then gamma on the image. Bilinear resampling, zero
+    padding (the dataset mean, as cv2's constant border on the normalised image); masks then > 0.5.
+    We rotate, shear and scale about the centre; the reference shears about the corner."""
     n, _, h, w = x.shape
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, device=x.device)
     th = torch.deg2rad(u(-args.rotate, args.rotate))
@@ -493,14 +470,13 @@ def augment(x, m, gen, args):
 
 
 def sample_episode(data, gen, args, tries=4):
-    """A random slice and a random one of its superpixels, augmented twice -> support (1, 1, H, W) image and
-    mask, query image and mask. data: imgs (N, H, W), sps (N, H, W) ids 1..n_i, nsp (N,) float n_i ≥ 1.
-
-    A superpixel at the edge of the field of view can leave it when the augmentation zooms in, leaving an
-    episode without foreground; the reference skips such "faulty batches" (training.py, try/except). Here
-    `tries` candidate episodes are drawn and augmented at once and the first whose support and query both
-    keep some foreground is returned (measured on phantoms: ~0.3% of single draws fail). Indices stay on the
-    device (index_select, argmax), so nothing waits for the GPU."""
+    """A random slice and one of its superpixels, augmented twice -> support image, mask, query
+    image, mask, each (1, 1, H, W). data: imgs (N, H, W), sps (N, H, W) ids 1..n_i, nsp (N,) float
+    n_i ≥ 1. A superpixel at the edge of the field of view can leave it when the augmentation zooms
+    in; the reference skips such foreground-less "faulty batches" (training.py, try/except). Here
+    `tries` candidates are drawn and augmented at once and the first whose support and query both
+    keep some foreground is returned (on phantoms ~0.3% of single draws fail). Indices stay on the
+    device (index_select, argmax): nothing waits for the GPU."""
     imgs, sps, nsp = data
     dev = imgs.device
     i = (torch.rand(tries, generator=gen, device=dev) * len(imgs)).long().clamp_max(len(imgs) - 1)
@@ -520,17 +496,13 @@ def sample_episode(data, gen, args, tries=4):
 def chunk_percentiles(n):
     """Where the support slices sit in the support's organ extent: the middle of each of n chunks
     (ManualAnnoDatasetv2.get_support): [1/6, 1/2, 5/6] for n = 3."""
-    if n == 1:
-        return [0.5]
-    return [1 / (2 * n) + (1 - 1 / n) / (n - 1) * i for i in range(n)]
+    return [0.5] if n == 1 else [1 / (2 * n) + (1 - 1 / n) / (n - 1) * i for i in range(n)]
 
 
 def query_chunk(z, z_min, z_max, n):
     """The support chunk of query slice z, from the query's organ extent [z_min, z_max] (ValidationDataset,
     with its float floor division; a one-slice extent goes to chunk 0)."""
-    if z_max == z_min:
-        return 0
-    return int(min(max((z - z_min) // ((z_max - z_min) / n), 0), n - 1))
+    return 0 if z_max == z_min else int(min(max((z - z_min) // ((z_max - z_min) / n), 0), n - 1))
 
 
 @torch.no_grad()
@@ -545,11 +517,10 @@ def slice_features(model, vol, batch, prec):
 
 @torch.no_grad()
 def one_shot_dice(model, support, queries, organs, args, prec):
-    """1-shot Dice. support = (name, image (D, H, W) z-scored tensor, labels (D, H, W) numpy); queries the
-    same list. Per organ: the support's organ slices at chunk_percentiles give `chunks` support slices; each
-    query slice between the query's first and last organ slice is segmented with the support slice of its
-    chunk; Dice per query volume over those slices (the reference records no other slice, z_margin 0).
-    Returns {organ: {query: Dice}}; an organ absent from the support or a query is left out of it."""
+    """1-shot Dice {organ: {query: Dice}}, without organs absent from the support or a query.
+    support, each query: (name, z-scored image (D, H, W) tensor, labels (D, H, W) numpy). Query
+    slices from the first to the last organ slice are segmented with their chunk's support slice
+    (chunk_percentiles, query_chunk); Dice per query over those slices only (z_margin 0)."""
     model.eval()
     _, s_img, s_lab = support
     out = {o: {} for o in organs}
@@ -584,8 +555,7 @@ def one_shot_dice(model, support, queries, organs, args, prec):
 
 # --------------------------------------------------------------------------- training one run
 def train_step(model, data, gen, opt, sched, prec, ce_weight, args):
-    """One episode: sample, augment, forward (autocast), both losses, SGD step. Returns the detached losses
-    (2,) = query, alignment, on the device: nothing here waits for the GPU."""
+    """One SGD step on one episode -> detached losses (2,) = query, alignment, on the device."""
     sup, sup_m, qry, qry_m = sample_episode(data, gen, args)
     with prec.autocast():
         feats = model(torch.cat([sup, qry]))                          # (2, C, h, w)
@@ -687,8 +657,7 @@ def write_table(path, summary, organs, note):
 
 
 def plot_dice(path, summary, organs, title):
-    """Fig. 6: a group of bars per organ (and the mean), one bar per training set, std over runs as error
-    bars."""
+    """Fig. 6: bars per organ (and the mean), one per training set, std over runs as error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -707,27 +676,6 @@ def plot_dice(path, summary, organs, title):
     ax.set_title(textwrap.fill(title, 110), fontsize=7)
     ax.legend(fontsize=7)
     save_figure(fig, path, dpi=110)
-
-
-def save_episodes(path, data, args, n=4):
-    """n training episodes: support and query images with their (augmented) pseudo-label outlined."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gen = torch.Generator(device=data[0].device).manual_seed(12345)
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
-    for j in range(n):
-        sup, sup_m, qry, qry_m = sample_episode(data, gen, args)
-        for row, (img, m, name) in enumerate([(sup, sup_m, "support"), (qry, qry_m, "query")]):
-            ax = axes[row, j]
-            # anterior up, patient's right on the left
-            ax.imshow(img[0, 0].cpu().numpy()[::-1, ::-1], cmap="gray")
-            if m.any():
-                ax.contour(m[0, 0].cpu().numpy()[::-1, ::-1], levels=[0.5], colors="gold", linewidths=0.8)
-            ax.set_title(f"episode {j} {name}", fontsize=7)
-            ax.axis("off")
-    save_figure(fig, path, dpi=90)
 
 
 # --------------------------------------------------------------------------- main
@@ -811,7 +759,6 @@ def main(args):
         save_json({"settings": settings, "note": note, "runs": runs, "summary": summary}, res_path)
         return summary
 
-    shown = False
     for s in args.sets:
         members = [(src, f) for src, f in plan[s] if (src, f) in loaded]
         if not members:
@@ -843,9 +790,6 @@ def main(args):
         print(f"[{s}] {len(members)} volumes ({', '.join(f'{n} {k}' for k, n in volumes.items())}), "
               f"{int(keep.sum())} slices with superpixels (mean {nsp[keep].mean():.1f} per slice); "
               f"z-score {mean:.3f} ± {std:.3f}")
-        if not shown:
-            save_episodes(args.out / "episodes.png", data, args)
-            shown = True
         for seed in todo:
             tag = f"{s}/seed{seed}"
             model, stats = train_run(data, args, prec, device, seed,
@@ -868,9 +812,9 @@ def main(args):
     summary = record()
     print(write_table(args.out / "table.md", summary, list(args.organs), note))
     plot_dice(args.out / "dice.png", summary, list(args.organs), note)
-    print(f"wrote {res_path} ({len(runs)} runs), {args.out / 'table.md'}, {args.out / 'dice.png'}, "
-          f"{args.out / 'episodes.png'}; superpixels in {args.out / 'superpixels'}, checkpoints in "
-          f"{args.out / 'checkpoints'}; {time.perf_counter() - t_start:.0f} s")
+    print(f"wrote {res_path} ({len(runs)} runs), {args.out / 'table.md'}, {args.out / 'dice.png'}; "
+          f"superpixels in {args.out / 'superpixels'}, checkpoints in {args.out / 'checkpoints'}; "
+          f"{time.perf_counter() - t_start:.0f} s")
     return summary
 
 

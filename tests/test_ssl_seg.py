@@ -508,7 +508,7 @@ def test_cli_real_synthetic_mixed_resume_and_cache(small_prep, fake_samples, tmp
         assert all(v is None or 0 <= v <= 1 for v in r["organ_dice"].values())
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 1 + 3 and "r18.pth" in table                 # the header and 3 rows
-    for f in ["dice.png", "episodes.png", "checkpoints/synthetic-syn_seed0.pt", "logs/real_seed0.csv",
+    for f in ["dice.png", "checkpoints/synthetic-syn_seed0.pt", "logs/real_seed0.csv",
               "superpixels/syn/sample_00002.npz"]:
         assert (out / f).is_file(), f
     # a rerun recomputes nothing
