@@ -457,7 +457,8 @@ def resume(ck, path, parts, gen, device, model_kwargs):
     torch.set_rng_state(ck["rng"]["torch"])
     if device.type == "cuda" and "cuda" in ck["rng"]:
         torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-    gen.set_state(ck["rng"]["gen"])
+    # 03's checkpoints called the batch generator "batch" before 2026-11-29: they resume too
+    gen.set_state(ck["rng"]["gen" if "gen" in ck["rng"] else "batch"])
     print0(f"resumed from {path} at step {ck['step']}")
     return ck["step"]
 
