@@ -61,15 +61,13 @@ def get_args(argv=None):
     src.add_argument("--images", type=Path, default=Path("data/raw/images"),
                      help="folder of CT NIfTI files (Case_00001_0000.nii.gz, pancreas_001.nii.gz, ...)")
     src.add_argument("--labels", type=Path, default=Path("data/raw/labels"),
-                     help="folder of label maps paired by case id; when it exists, an image without a "
-                          "label map is skipped (the paper uses the annotated cases). No such folder: "
-                          "every case gets the central window")
+                     help="label maps paired by case id; an image without one is skipped (the paper "
+                          "uses annotated cases). No such folder: each case gets the central window")
     src.add_argument("--totalseg", type=Path, default=None,
                      help="TotalSegmentator folder of subjects (ct.nii.gz + segmentations/<organ>.nii.gz "
                           "or a multi-label seg.nii.gz), or one subject's folder; replaces --images/--labels")
     src.add_argument("--dataset", choices=sorted(PRESETS), default=None,
-                     help="preset spacing and label map (default: totalseg with --totalseg, "
-                          "else abdomenct1k)")
+                     help="spacing and label map (default: totalseg with --totalseg, else abdomenct1k)")
     src.add_argument("--label-map", default=None,
                      help="source:target label ids, e.g. '5:1,2:2,3:2,1:3,7:4' (TotalSegmentator v2 -> "
                           "AbdomenCT-1K); unlisted labels become 0. Default: the preset's (none = keep ids)")
@@ -87,8 +85,7 @@ def get_args(argv=None):
     win.add_argument("--organ", type=at_least(1), default=4,
                      help="target label whose voxels choose the window (4 = pancreas)")
     win.add_argument("--windows", choices=["best", "all"], default="best",
-                     help="best: the window with the most organ voxels (release); all: every window "
-                          "containing the organ")
+                     help="best: the window with the most organ voxels (release); all: every one with organ")
     win.add_argument("--window-stride", type=at_least(1), default=1,
                      help="with --windows all: step between window starts, slices")
     win.add_argument("--require-organs", default="",
@@ -112,8 +109,7 @@ def get_args(argv=None):
                      help="parallel processes over cases")
     out.add_argument("--overwrite", action="store_true", help="redo done cases; allow new settings")
     out.add_argument("--max-gb", type=at_least(0.001, float), default=2.0,
-                     help="largest input volume, GiB of voxel data as its header states (checked before "
-                          "reading, so a damaged or crafted file cannot fill the memory)")
+                     help="largest input, GiB of voxels as its header states (checked before reading)")
     args = p.parse_args(argv)
     check_order(p, args, "--hu")
     wanted = [t.strip() for t in args.require_organs.split(",") if t.strip()]

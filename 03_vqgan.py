@@ -19,9 +19,8 @@ release summed over the batch (at batch 2 its λ = 1 weighs up to twice ours); w
 Schedule: the paper's "100k steps" are Lightning 1.6 global steps, and with two optimisers
 Lightning counts two per batch. The release's checkpoint (epoch=124-step=100000, 800 volumes,
 batch 2, one GPU) is therefore 50k iterations with the discriminators from 25k, which is what
-the defaults run. Gradient norms are clipped to 1.0 per optimiser (--grad-clip), as in the release.
-
-Volumes are [0, 1] on disk (01) and [-1, 1] inside the networks, as in the release.
+the defaults run. Gradient norms are clipped to 1.0 per optimiser (--grad-clip), and volumes are
+[0, 1] on disk (01) and [-1, 1] inside the networks, as in the release.
 
     python 03_vqgan.py                                    # paper: 50k iterations, batch 2, λ = 1 (one GPU)
     torchrun --nproc_per_node 2 03_vqgan.py --batch-size 1   # the same effective batch on two GPUs (DDP)
@@ -72,20 +71,17 @@ def get_args(argv=None):
                    help="LPIPS on a random slice (0 = off, no weights needed)")
     w.add_argument("--perceptual-weights", default=None,
                    help="folder with vgg16-397923af.pth and vgg.pth (LPIPS v0.1), or 'auto' to download")
-    w.add_argument("--image-gan-weight", type=at_least(0.0, float), default=0.25,
-                   help="2-D slice discriminator")
+    w.add_argument("--image-gan-weight", type=at_least(0.0, float), default=0.25, help="2-D discriminator")
     w.add_argument("--volume-gan-weight", type=at_least(0.0, float), default=0.25, help="3-D discriminator")
-    w.add_argument("--gan-feat-weight", type=at_least(0.0, float), default=4.0,
-                   help="discriminator feature matching")
+    w.add_argument("--gan-feat-weight", type=at_least(0.0, float), default=4.0, help="feature matching")
     w.add_argument("--disc-start", type=at_least(0), default=25_000,
                    help="iteration the discriminators start at (the release's 50k Lightning steps)")
     w.add_argument("--lambda-loc", type=at_least(0.0, float), default=1.0,
                    help="locality loss λ (Eq. 3); 0 = Medical Diffusion")
     t = p.add_argument_group("training (paper §4.1.3)")
     t.add_argument("--steps", type=at_least(1), default=50_000,
-                   help="training iterations (a generator and a discriminator update each); the "
-                        "paper's '100k steps' are Lightning 1.6 steps, 2 per batch: the release's "
-                        "epoch=124-step=100000 (800 volumes, batch 2, one GPU) is 50k batches")
+                   help="iterations, a generator and a discriminator update each: the release's 50k "
+                        "batches, the paper's '100k' Lightning steps (see the module docstring)")
     t.add_argument("--batch-size", type=at_least(1), default=2,
                    help="volumes per iteration per GPU (× GPUs in DDP); the paper's 2 on one GPU")
     t.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0,
@@ -718,8 +714,8 @@ def main(args):
 
 @torch.no_grad()
 def evaluate(model, prep, names, out, device, prec):
-    """PSNR and SSIM on the test split, in [0, 1] units: of the whole volume and inside the mask's
-    box (PSNR over the box's voxels, SSIM of the box's sub-volume)."""
+    """PSNR and SSIM on the test split, in [0, 1] units: of the whole volume and of the sub-volume
+    inside the mask's box."""
     test = load_split(prep, names)
     if test is None:
         print("no test volumes in split.json: metrics skipped")
@@ -731,14 +727,13 @@ def evaluate(model, prep, names, out, device, prec):
         x = v[None].to(device).float()
         with prec.autocast():
             rec = model(x * 2 - 1)[0].float()
-        rec = ((rec.clamp(-1, 1) + 1) / 2)
+        rec = (rec.clamp(-1, 1) + 1) / 2
         r = {"case": name, "psnr": psnr(x, rec), "ssim": float(ssim_and_cs(x, rec)[0].mean())}
         if h:
-            m = box_mask(b[None].to(device), x.shape[2:])
             z0, z1, y0, y1, x0, x1 = b.tolist()
             inside = (..., slice(z0, z1), slice(y0, y1), slice(x0, x1))  # the box's sub-volume
-            ssim_box = float(ssim_and_cs(x[inside], rec[inside])[0].mean())
-            r.update(psnr_box=psnr(x, rec, m), ssim_box=ssim_box)
+            r.update(psnr_box=psnr(x[inside], rec[inside]),
+                     ssim_box=float(ssim_and_cs(x[inside], rec[inside])[0].mean()))
         rows.append(r)
     mean = lambda k: (round(float(np.mean([r[k] for r in rows if k in r])), 4)
                       if any(k in r for r in rows) else None)
