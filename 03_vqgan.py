@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, eta, first_step_line,
-                    load_checkpoint, open_resume, peak_memory_gb, positive, prepare_out, print0,
-                    read_nifti, read_split, resume, run_stage, save_checkpoint, save_json, save_preview,
-                    sizing_note, soft_tissue, start_run, teardown_distributed, training_data_record,
+from common import (ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, ddp_check, eta,
+                    first_step_line, load_checkpoint, open_resume, peak_memory_gb, positive, prepare_out,
+                    print0, read_nifti, read_split, resume, run_stage, save_checkpoint, save_json,
+                    save_preview, sizing_note, soft_tissue, start_run, teardown_distributed, training_data_record,
                     training_state, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -533,6 +533,8 @@ def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, a
     model_t, d2_t, d3_t = nets
     opt_ae, opt_d = opts
     device = x.device
+    for d in (d2_t, d3_t):  # the generator's loss needs no gradient for the discriminators' weights
+        d.requires_grad_(False)
     with prec.autocast():
         x_rec, commitment, perplexity = model_t(x)
         x_rec = x_rec.float()
@@ -564,6 +566,8 @@ def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, a
     clip_gradients(model_t, opt_ae, prec, args.grad_clip)
     prec.scaler.step(opt_ae)
     d_loss = zero
+    for d in (d2_t, d3_t):
+        d.requires_grad_(True)
     if gan_on:  # discriminator step: hinge loss on real vs reconstructed (detached)
         with prec.autocast():
             d_loss = args.image_gan_weight * hinge_d_loss(d2_t(sl)[0], d2_t(sl_rec.detach())[0]) + \
@@ -698,13 +702,7 @@ def main(args):
         if step % args.save_every == 0 or step == args.steps:
             save(step)
 
-    if world > 1:  # sanity check: DDP kept every rank's weights identical
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        diff = (flat - ref).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        print0(f"DDP check: max weight difference across {world} ranks = {diff.item():.3g}")
+    ddp_check(model, world)
 
     if rank == 0:
         evaluate(model, args.prep, split["test"], out, device, prec)

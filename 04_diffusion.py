@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (MASK_NAMES, ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, duration,
-                    eta, file_fingerprint, first_step_line, free_memory, in_range, load_checkpoint,
+from common import (MASK_NAMES, ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, ddp_check,
+                    duration, eta, file_fingerprint, first_step_line, free_memory, in_range, load_checkpoint,
                     load_stage, open_resume, peak_memory_gb, positive, prepare_out, print0, read_nifti,
                     read_split, resume, run_stage, save_checkpoint, save_preview, sizing_note,
                     soft_tissue, start_run, teardown_distributed, training_data_record,
@@ -155,6 +155,10 @@ class ChannelNorm(nn.Module):
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.gamma
 
+    def last(self, x):
+        """The same norm on a tensor with channels last (..., C): F.layer_norm, contiguous and fast."""
+        return F.layer_norm(x, x.shape[-1:], self.gamma.view(-1), None, self.eps)
+
 
 class Block(nn.Module):
     """(1, 3, 3) conv -> GroupNorm(8) -> optional scale/shift from the embedding -> SiLU."""
@@ -166,7 +170,7 @@ class Block(nn.Module):
     def forward(self, x, scale_shift=None):
         x = self.norm(self.proj(x))
         if scale_shift is not None:
-            x = x * (scale_shift[0] + 1) + scale_shift[1]
+            x = torch.addcmul(scale_shift[1], x, scale_shift[0] + 1)
         return F.silu(x)
 
 
@@ -183,61 +187,74 @@ class ResnetBlock(nn.Module):
 
 
 class SpatialLinearAttention(nn.Module):
-    """Linear attention within each slice (softmax over features for q, over positions for k)."""
+    """Linear attention within each slice (softmax over features for q, over positions for k).
+    Runs on channels-last tensors (B·D, H·W, C): the 1×1 convolutions are then plain matmuls."""
     def __init__(self, dim, heads, dim_head):
         super().__init__()
         self.heads, self.scale = heads, dim_head**-0.5
         self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=False)
         self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
 
-    def forward(self, x):
-        b, c, d, h, w = x.shape
-        x = x.transpose(1, 2).reshape(b * d, c, h, w)
-        q, k, v = (t.reshape(b * d, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, 1))
-        q, k = q.softmax(-2) * self.scale, k.softmax(-1)
-        out = torch.einsum("bhde,bhdn->bhen", torch.einsum("bhdn,bhen->bhde", k, v), q)
-        out = self.to_out(out.reshape(b * d, -1, h, w))
-        return out.reshape(b, d, c, h, w).transpose(1, 2)
+    def forward(self, x):  # x (B·D, H·W, C)
+        qkv = F.linear(x, self.to_qkv.weight.flatten(1)).unflatten(-1, (3, self.heads, -1))
+        q, k, v = qkv.unbind(2)                                      # (B·D, H·W, heads, dim_head)
+        q, k = q.softmax(-1) * self.scale, k.softmax(1)
+        context = torch.einsum("bnhd,bnhe->bhde", k, v)
+        out = torch.einsum("bhde,bnhd->bnhe", context, q).flatten(2)
+        return F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
 
 
-def rotate_interleaved(x, cos, sin):
-    """Rotary position embedding on interleaved pairs (x0, x1), (x2, x3), ..."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+_ROTARY = {}
+
+
+def rotary_factors(n, dim_head, device, rotary_dim=32):
+    """Rotary position embedding as complex numbers: e^{i·p·θ_k} for position p and pair k, the first
+    min(32, dim_head) features rotated (1 for the rest). Fixed: made once per length and device."""
+    key = (n, dim_head, str(device))
+    if key not in _ROTARY:
+        rd = min(rotary_dim, dim_head)
+        theta = 1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * F.pad(theta, (0, (dim_head - rd) // 2))
+        _ROTARY[key] = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)
+    return _ROTARY[key]
+
+
+def rotate(x, factors):
+    """x (..., n, heads, dim_head): interleaved pairs (x0, x1), (x2, x3), ... as x0 + i·x1, times the
+    factors (n, dim_head / 2). One complex product, in the factors' precision (float32 under autocast)."""
+    pairs = torch.view_as_complex(x.to(factors.real.dtype).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * factors[:, None]).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
     """Multi-head attention over the second-to-last axis (scaled_dot_product_attention); along depth
-    (the reference's "temporal" attention) with rotary=True and a relative position bias."""
-    def __init__(self, dim, heads, dim_head, rotary=False):
+    (the reference's "temporal" attention) with rotary factors and a relative position bias."""
+    def __init__(self, dim, heads, dim_head):
         super().__init__()
-        self.heads, self.dim_head, self.rotary = heads, dim_head, rotary
+        self.heads, self.dim_head = heads, dim_head
         self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x, bias=None):  # x (..., n, dim); bias (heads, n, n)
+    def forward(self, x, bias=None, rotary=None):  # x (..., n, dim); bias (heads, n, n)
         *lead, n, _ = x.shape
-        q, k, v = (t.reshape(-1, n, self.heads, self.dim_head).transpose(1, 2)
-                   for t in self.to_qkv(x).chunk(3, -1))
-        if self.rotary:
-            rd = min(32, self.dim_head)
-            freqs = 1.0 / (10000 ** (torch.arange(0, rd, 2, device=x.device).float() / rd))
-            ang = torch.arange(n, device=x.device).float()[:, None] * freqs[None]
-            cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
-            q = torch.cat([rotate_interleaved(q[..., :rd], cos, sin), q[..., rd:]], -1)
-            k = torch.cat([rotate_interleaved(k[..., :rd], cos, sin), k[..., rd:]], -1)
+        q, k, v = self.to_qkv(x).view(-1, n, 3, self.heads, self.dim_head).unbind(2)
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.to_out(out.transpose(1, 2).reshape(*lead, n, -1))
 
 
 class RelativePositionBias(nn.Module):
-    """T5-style bucketed relative positions (32 buckets, max distance 32) -> a bias per head."""
+    """T5-style bucketed relative positions (32 buckets, max distance 32) -> a bias per head. The
+    buckets depend only on the length: made once per length and device."""
     def __init__(self, heads, buckets=32, max_distance=32):
         super().__init__()
         self.buckets, self.max_distance = buckets, max_distance
         self.relative_attention_bias = nn.Embedding(buckets, heads)
+        self._buckets = {}
 
-    def forward(self, n, device):
+    def bucket(self, n, device):
         pos = torch.arange(n, device=device)
         rel = -(pos[None, :] - pos[:, None])                    # n = -(k - q)
         half = self.buckets // 2
@@ -246,20 +263,25 @@ class RelativePositionBias(nn.Module):
         exact = half // 2
         large = exact + (torch.log(rel.float().clamp_min(1) / exact) / math.log(self.max_distance / exact)
                          * (half - exact)).long()
-        ret = ret + torch.where(rel < exact, rel, large.clamp_max(half - 1))
-        return self.relative_attention_bias(ret).permute(2, 0, 1)  # (heads, n, n)
+        return ret + torch.where(rel < exact, rel, large.clamp_max(half - 1))
+
+    def forward(self, n, device):
+        key = (n, str(device))
+        if key not in self._buckets:
+            self._buckets[key] = self.bucket(n, device)
+        return self.relative_attention_bias(self._buckets[key]).permute(2, 0, 1)  # (heads, n, n)
 
 
 class DepthAttention(nn.Module):
     """Residual(PreNorm(attention along depth)): (B, C, D, H, W), each (h, w) column on its own."""
     def __init__(self, dim, heads, dim_head):
         super().__init__()
-        self.norm, self.attn = ChannelNorm(dim), Attention(dim, heads, dim_head, rotary=True)
+        self.norm, self.attn = ChannelNorm(dim), Attention(dim, heads, dim_head)
 
-    def forward(self, x, bias):
+    def forward(self, x, bias, rotary):
         b, c, d, h, w = x.shape
-        y = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b, h * w, d, c)
-        return x + self.attn(y, bias).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
+        y = self.norm.last(x.permute(0, 3, 4, 2, 1).reshape(b, h * w, d, c))
+        return x + self.attn(y, bias, rotary).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
 
 
 class SpatialAttention(nn.Module):
@@ -280,7 +302,9 @@ class LinearAttentionBlock(nn.Module):
         self.norm, self.attn = ChannelNorm(dim), SpatialLinearAttention(dim, heads, dim_head)
 
     def forward(self, x):
-        return x + self.attn(self.norm(x))
+        b, c, d, h, w = x.shape
+        y = self.attn(self.norm.last(x.permute(0, 2, 3, 4, 1).reshape(b * d, h * w, c)))
+        return x + y.reshape(b, d, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class Unet3D(nn.Module):
@@ -322,9 +346,9 @@ class Unet3D(nn.Module):
 
     def forward(self, x, t, cond=None, drop=None):
         bias = self.rel_pos_bias(x.shape[2], x.device)
-        x = self.init_conv(x)
-        r = x.clone()
-        x = self.init_depth_attn(x, bias)
+        rot = rotary_factors(x.shape[2], self.kwargs["dim_head"], x.device)
+        x = r = self.init_conv(x)
+        x = self.init_depth_attn(x, bias, rot)
         emb = self.time_mlp(t)
         if self.null_cond is not None:
             if drop is not None:  # classifier-free guidance: the learned null condition
@@ -332,13 +356,14 @@ class Unet3D(nn.Module):
             emb = torch.cat([emb, cond.to(emb.dtype)], -1)
         skips = []
         for block1, block2, lin_attn, depth_attn, down in self.downs:
-            x = depth_attn(lin_attn(block2(block1(x, emb), emb)), bias)
+            x = depth_attn(lin_attn(block2(block1(x, emb), emb)), bias, rot)
             skips.append(x)
             x = down(x)
-        x = self.mid_block2(self.mid_depth_attn(self.mid_spatial_attn(self.mid_block1(x, emb)), bias), emb)
+        x = self.mid_spatial_attn(self.mid_block1(x, emb))
+        x = self.mid_block2(self.mid_depth_attn(x, bias, rot), emb)
         for block1, block2, lin_attn, depth_attn, up in self.ups:
             x = torch.cat([x, skips.pop()], 1)
-            x = up(depth_attn(lin_attn(block2(block1(x, emb), emb)), bias))
+            x = up(depth_attn(lin_attn(block2(block1(x, emb), emb)), bias, rot))
         return self.final_conv(self.final_block(torch.cat([x, r], 1)))
 
 
@@ -443,14 +468,23 @@ class GaussianDiffusion(nn.Module):
 
 
 def guided_eps(denoiser, z, t, cond_inputs, w):
-    """Eq. 4: ε̃ = (1 + w)·ε(z, c) − w·ε(z). Conditional and unconditional passes run as one
-    batch; w = 0 gives the conditional prediction; an unconditional model (V0) ignores w."""
+    """Eq. 4: ε̃ = (1 + w)·ε(z, c) − w·ε(z); w = 0 gives the conditional prediction, and an
+    unconditional model (V0) ignores w. The two passes run as one doubled batch on a GPU and for small
+    batches on the CPU; two passes are faster for large batches on the CPU (docs/performance.md)."""
     if denoiser.extractor.dim == 0 or w == 0:
         return denoiser(z, t, *cond_inputs)
-    drop = torch.arange(2 * len(z), device=z.device) >= len(z)  # the second copy: unconditional
-    eps = denoiser(torch.cat([z, z]), torch.cat([t, t]), *(torch.cat([c, c]) for c in cond_inputs), drop=drop)
-    eps_c, eps_u = eps.chunk(2)
+    if z.is_cuda or 2 * z.numel() <= DOUBLED_ON_CPU:
+        drop = torch.arange(2 * len(z), device=z.device) >= len(z)  # the second copy: unconditional
+        eps = denoiser(torch.cat([z, z]), torch.cat([t, t]), *(torch.cat([c, c]) for c in cond_inputs),
+                       drop=drop)
+        eps_c, eps_u = eps.chunk(2)
+    else:
+        eps_c = denoiser(z, t, *cond_inputs)
+        eps_u = denoiser(z, t, *cond_inputs, drop=torch.ones(len(z), dtype=torch.bool, device=z.device))
     return (1 + w) * eps_c - w * eps_u
+
+
+DOUBLED_ON_CPU = 2**18  # latent elements up to which one doubled batch beats two passes on the CPU
 
 
 def per_sample_noise(generators, shape, device):
@@ -760,6 +794,7 @@ def main(args):
             t_last, n_last = time.perf_counter(), step
         if step % args.save_every == 0 or step == args.steps:
             save(step)
+    ddp_check(model, world)
     previews = f", previews in {args.out / 'previews'}" if test_names else ""
     print0(f"wrote {ckpt_path} (step {step}), {log_path}{previews}")
     teardown_distributed()

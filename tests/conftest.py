@@ -1,6 +1,8 @@
 """Shared fixtures: the repo on sys.path, the real data in tests/data (README there), small
 phantom sets."""
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +68,21 @@ def masked_prep(tmp_path_factory, small_prep):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return prep
+
+
+def torchrun(cmd, nproc=2, timeout=300):
+    """Run a stage's command line under torchrun with `nproc` CPU processes (gloo on the loopback
+    interface); retried once if only the process group's set-up failed (a port taken meanwhile)."""
+    def launch():
+        with socket.socket() as sock:  # a free loopback port
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        full = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(port), *cmd[1:]]
+        return subprocess.run(full, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    r = launch()
+    if r.returncode != 0 and any(
+            m in r.stderr for m in ("Address already in use", "Connection refused", "RendezvousError")):
+        r = launch()
+    return r

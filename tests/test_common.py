@@ -108,8 +108,11 @@ def test_precision_on_cpu():
     with p.autocast():
         y = torch.ones(2, 2) @ torch.ones(2, 2)
     assert y.dtype == torch.float32
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        common.choose_precision("cpu", "bf16")
+    for want, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):  # the GPU's path, on the CPU
+        p = common.choose_precision("cpu", want)
+        with p.autocast():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+        assert p.name == want and p.scaler.is_enabled() == (want == "fp16")
 
 
 @pytest.mark.gpu

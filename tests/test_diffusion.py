@@ -132,7 +132,77 @@ def test_null_embedding_learns_drop_rate_and_condition_matters():
                 - d(z, t, ml[:2], b[:2])[0]).abs().max() > 1e-4
 
 
-def test_guidance_combines_as_eq4():
+def test_depth_attention_against_a_direct_computation():
+    """04's depth attention (channels-last norm, rotary as a complex product, cached buckets, SDPA)
+    against one written out per column: LayerNorm over channels, q/k rotated pair by pair with
+    cos/sin, softmax(q·k/√d + bias) v, the T5 buckets of the reference for n <= 8 (|i - j|, +16
+    when the key comes after the query)."""
+    torch.manual_seed(0)
+    heads, dh, c, n = 2, 8, 6, 5
+    attn, rpb = dm.DepthAttention(c, heads, dh), dm.RelativePositionBias(heads)
+    for p in (attn.norm.gamma, rpb.relative_attention_bias.weight):
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, c, n, 3, 4, dtype=torch.float64)
+    attn, rpb = attn.double(), rpb.double()
+    got = attn(x, rpb(n, x.device), dm.rotary_factors(n, dh, x.device).to(torch.complex128))
+
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    assert torch.equal(rpb.bucket(n, "cpu"), (i - j).abs() + 16 * (j > i))
+    assert rpb.bucket(40, "cpu")[20, 0] == 8 + int(np.log(20 / 8) / np.log(4) * 8)   # the log range
+    bias = rpb.relative_attention_bias.weight[rpb.bucket(n, "cpu")].permute(2, 0, 1)   # (heads, n, n)
+    wq, wk, wv = attn.attn.to_qkv.weight.chunk(3)
+    theta = 10000 ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    want = torch.empty_like(x)
+    for b in range(2):
+        for hh in range(3):
+            for ww in range(4):
+                col = x[b, :, :, hh, ww].T                                         # (n, c)
+                y = (col - col.mean(1, keepdim=True)) / (col.var(1, unbiased=False, keepdim=True)
+                                                          + 1e-5).sqrt() * attn.norm.gamma.view(-1)
+                outs = []
+                for h in range(heads):
+                    rows = slice(h * dh, (h + 1) * dh)
+                    q, k, v = y @ wq[rows].T, y @ wk[rows].T, y @ wv[rows].T
+                    ang = torch.arange(n, dtype=torch.float64)[:, None] * theta
+                    rot = lambda t: torch.stack([t[:, 0::2] * ang.cos() - t[:, 1::2] * ang.sin(),
+                                                 t[:, 0::2] * ang.sin() + t[:, 1::2] * ang.cos()],
+                                                -1).flatten(1)
+                    scores = rot(q) @ rot(k).T / dh**0.5 + bias[h]
+                    outs.append(scores.softmax(-1) @ v)
+                want[b, :, :, hh, ww] = col.T + (torch.cat(outs, 1) @ attn.attn.to_out.weight.T).T
+    torch.testing.assert_close(got, want)
+
+
+def test_rotary_rotates_only_the_first_32_features_and_keeps_relative_positions():
+    f = dm.rotary_factors(7, 64, "cpu")
+    assert f.shape == (7, 32) and torch.equal(f[:, 16:], torch.ones(7, 16, dtype=f.dtype))  # 32 of 64 rotated
+    torch.testing.assert_close(f.abs(), torch.ones(7, 32))
+    q, k = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    rq, rk = dm.rotate(q.expand(7, 1, 64), f), dm.rotate(k.expand(7, 1, 64), f)
+    dots = (rq[:, None] * rk[None]).sum(-1).squeeze(-1)      # (7, 7): query position p, key position r
+    torch.testing.assert_close(dots[1, 3], dots[4, 6])          # depends on r - p only
+    torch.testing.assert_close(dots[5, 2], dots[3, 0])
+
+
+def test_linear_attention_against_the_convolutional_form():
+    """The per-slice linear attention, run channels-last with its 1×1 convolutions as matmuls, against
+    the reference's form: Conv2d on (B·D, C, H, W), q softmax over features, k over positions."""
+    torch.manual_seed(0)
+    blk = dm.LinearAttentionBlock(8, 2, 4)
+    torch.nn.init.normal_(blk.norm.gamma)
+    x = torch.randn(2, 8, 3, 5, 6)
+    att = blk.attn
+    b, c, d, h, w = x.shape
+    var, mean = torch.var_mean(x, 1, unbiased=False, keepdim=True)
+    y = ((x - mean) / (var + 1e-5).sqrt() * blk.norm.gamma).transpose(1, 2).reshape(b * d, c, h, w)
+    q, k, v = (t.reshape(b * d, 2, 4, h * w) for t in att.to_qkv(y).chunk(3, 1))
+    q, k = q.softmax(-2) * 4**-0.5, k.softmax(-1)
+    out = torch.einsum("bhde,bhdn->bhen", torch.einsum("bhdn,bhen->bhde", k, v), q)
+    want = x + att.to_out(out.reshape(b * d, -1, h, w)).reshape(b, d, c, h, w).transpose(1, 2)
+    torch.testing.assert_close(blk(x), want)
+
+
+def test_guidance_combines_as_eq4(monkeypatch):
     class Stub(torch.nn.Module):  # ε(z, c) = a, ε(z) = b
         extractor = type("E", (), {"dim": 3})()
 
@@ -140,9 +210,11 @@ def test_guidance_combines_as_eq4():
             a, b = torch.full_like(z, 2.0), torch.full_like(z, -1.0)
             return a if drop is None else torch.where(drop.view(-1, 1), b, a)
     z, t, c = torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), (torch.zeros(3, 1), torch.zeros(3, 1))
-    for w in (0.0, 0.5, 1.0, 2.0):
-        torch.testing.assert_close(dm.guided_eps(Stub(), z, t, c, w),
-                                   torch.full((3, 1), (1 + w) * 2.0 - w * (-1.0)))
+    for limit in (dm.DOUBLED_ON_CPU, 0):  # one doubled batch, then two passes
+        monkeypatch.setattr(dm, "DOUBLED_ON_CPU", limit)
+        for w in (0.0, 0.5, 1.0, 2.0):
+            torch.testing.assert_close(dm.guided_eps(Stub(), z, t, c, w),
+                                       torch.full((3, 1), (1 + w) * 2.0 - w * (-1.0)))
 
 
 def test_tiny_model_learns(tmp_path):

@@ -2,8 +2,6 @@
 crops, metrics in closed form, LPIPS loading, overfitting, resume, DDP."""
 import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -14,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common import load_stage, read_nifti, xyz_to_dhw
-from conftest import REPO
+from conftest import REPO, torchrun
 
 vq = load_stage("03_vqgan")
 count = lambda m: sum(p.numel() for p in m.parameters())
@@ -261,20 +259,7 @@ def test_resume_equals_uninterrupted(tmp_path, masked_prep):
 
 
 def test_ddp_two_gloo_processes_agree(tmp_path, masked_prep):
-    def launch():
-        with socket.socket() as sock:  # a free loopback port; gloo pinned to the loopback interface
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               *train_cmd(masked_prep, tmp_path / "ddp", "--steps", "4", "--fresh")[1:]]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
-    r = launch()
-    if r.returncode != 0 and any(
-            m in r.stderr for m in ("Address already in use", "Connection refused", "RendezvousError")):
-        # set-up of the process group only (a port taken meanwhile); a training failure is not retried
-        r = launch()
+    r = torchrun(train_cmd(masked_prep, tmp_path / "ddp", "--steps", "4", "--fresh"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[:6000]
     assert ("2 process(es)" in r.stdout
             and "DDP check: max weight difference across 2 ranks = 0" in r.stdout), r.stdout
