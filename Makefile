@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := data/demo
 
-.PHONY: demo demo-ssl reproduce reproduce-tiny test test-all clean-demo
+.PHONY: demo demo-ssl reproduce reproduce-tiny test test-all bench-peers gpu-check clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,17 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m ""
+
+# Our training steps against MONAI's DiffusionModelUNet and AutoencoderKL, side by side (README, Performance).
+# MONAI is a benchmark-only peer: installed here into .venv, never needed by a stage.
+bench-peers: $(VENV)/.installed
+	$(PY) -m pip install --disable-pip-version-check -q monai==1.6.1 einops==0.8.2
+	$(PY) bench.py --peers
+
+# The first command on a GPU machine: GPU tests, bench at the paper's shapes, 300 steps of 03 and 04, sampling
+# speed; one JSON and one markdown table under runs/gpu_check (about 8 minutes on one H200).
+gpu-check: $(VENV)/.installed
+	bash scripts/gpu_check.sh
 
 clean-demo:
 	rm -rf $(DEMO) $(DEMO_RUNS)

@@ -4,12 +4,14 @@ step, and guided sampling (DDIM-50 and DDPM-300, decoded). Shapes are the paper'
 
     python bench.py                  # the paper's shapes on the GPU
     python bench.py --small          # demo shapes; what CI runs on the CPU
+    python bench.py --peers          # our steps against MONAI's at similar sizes (make bench-peers)
 
 Every number comes from the same code the stages run (03's and 04's `train_step`, 04's
 `sample_latents`), with random weights: timing does not depend on them. Each measurement is
 warm-up steps, then `--repeats` timed steps (CUDA events on the GPU, no sync inside the loop),
 reported as the median. FLOPs are counted once per step with torch.utils.flop_counter
-(convolutions, matmuls and attention; elementwise work is not counted), and MFU is that FLOP rate
+(convolutions, matmuls and attention, the CPU's fused attention kernel included; elementwise work is
+not counted), and MFU is that FLOP rate
 over the peak this script measures with a large matmul in the run's precision (bf16 on CUDA, fp32
 on the CPU), not over a datasheet figure. Prints a markdown table and writes JSON.
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import choose_precision, load_stage, peak_memory_gb, pick_device, print0, save_json
@@ -72,6 +75,8 @@ def get_args(argv=None):
                    help="diffusion training batch (default: 04's, 20; --small: 8); FLOPs scale "
                         "linearly with it")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
+    p.add_argument("--peers", action="store_true",
+                   help="our training steps against MONAI's DiffusionModelUNet and AutoencoderKL (fp32)")
     p.add_argument("--flops-only", action="store_true",
                    help="count the FLOPs of each step and stop (no timing): the paper's shapes on a "
                         "CPU, for estimates")
@@ -109,9 +114,25 @@ def time_it(fn, device, warmup, repeats):
     return statistics.median(times), times
 
 
+def cpu_attention_flops(query, key, value, *args, **kwargs):
+    """The CPU's fused attention kernel, which torch.utils.flop_counter does not know (it would count
+    0): q·kᵀ and the weighted sum of v, 2·b·h·n_q·n_k·(d + d_v)."""
+    b, h, n_q, d = query
+    return 2 * b * h * n_q * key[2] * (d + value[-1])
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs):
+    return 2 * cpu_attention_flops(query, key, value)  # the gradients of q, k, v: twice the forward's
+
+
+aten = torch.ops.aten
+CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops}
+
+
 def count_flops(fn):
     """FLOPs of one call of fn() (forward and backward), by torch.utils.flop_counter."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -207,6 +228,171 @@ def sampling(small, device, prec, sampler, steps, batch, compile_):
     return run, batch, f"{batch}×1×{d}×{h}×{w}, {sampler.upper()}-{steps}, w = 1", flops
 
 
+# --------------------------------------------------------------------------- peers (MONAI)
+# Our denoiser's and autoencoder's training steps against MONAI's DiffusionModelUNet (what MAISI is built
+# on) and AutoencoderKL at similar parameter counts, on the same input. MONAI's U-Net is fully 3-D
+# (3×3×3 convolutions, depth downsampled too), attends only at its two lowest levels, and at the demo's
+# latent depth of 4 has room for three levels; ours is the paper's (1×3×3 convolutions, attention along
+# depth and per-slice linear attention at every level).
+PEER_DENOISERS = {  # name: latent (C, D, H, W), our width, batch, MONAI channels and attention levels
+    "demo": ((8, 4, 16, 16), 16, 8, (16, 32, 64), (False, True, True)),
+    "latent 8×8×32×32": ((8, 8, 32, 32), 32, 4, (16, 32, 64, 128), (False, False, True, True)),
+}
+
+
+def peer_denoiser_steps(config, device):
+    """One Adam step on the L1 noise loss, ours (the condition extractor included, 'both') and MONAI's
+    (unconditional), on the same z_t and t."""
+    from monai.networks.nets import DiffusionModelUNet
+    diffusion = load_stage("04_diffusion")
+    latent, dim, batch, channels, attention = PEER_DENOISERS[config]
+    torch.manual_seed(0)
+    ours = diffusion.Denoiser(dict(mode="both", latent_shape=latent, depth=latent[1] * 4),
+                              dict(channels=latent[0], dim=dim, dim_mults=(1, 2, 4, 8), heads=4,
+                                   dim_head=16)).to(device)
+    theirs = DiffusionModelUNet(3, latent[0], latent[0], num_res_blocks=2, channels=channels,
+                                attention_levels=attention, norm_num_groups=8,
+                                num_head_channels=16).to(device)
+    z, noise = torch.randn(batch, *latent, device=device), torch.randn(batch, *latent, device=device)
+    t = torch.randint(0, 300, (batch,), device=device)
+    cond = (torch.randn(batch, *latent, device=device),
+            torch.randint(0, 3, (batch, latent[1] * 24), device=device))  # mask latent, Betti vector
+    drop = torch.arange(batch, device=device) % 10 == 0
+    return {"ours": (ours, lambda: F.l1_loss(ours(z, t, *cond, drop=drop), noise)),
+            "MONAI": (theirs, lambda: F.l1_loss(theirs(z, timesteps=t), noise))}
+
+
+def peer_autoencoder_steps(device):
+    """One Adam step of the autoencoder alone at the demo's shapes (batch 2, 1×16×64×64): our VQ-GAN's
+    L1 + commitment, MONAI's AutoencoderKL's L1 + KL; both downsample 4× to 8 latent channels."""
+    from monai.networks.nets import AutoencoderKL
+    vqgan = load_stage("03_vqgan")
+    torch.manual_seed(0)
+    ours = vqgan.VQGAN(n_hiddens=8, n_codes=512, num_groups=8).to(device)
+    theirs = AutoencoderKL(3, 1, 1, channels=(8, 16, 32), latent_channels=8, num_res_blocks=(2, 2, 2),
+                           attention_levels=(False,) * 3, norm_num_groups=8, with_encoder_nonlocal_attn=False,
+                           with_decoder_nonlocal_attn=False).to(device)
+    x = torch.rand(2, 1, 16, 64, 64, device=device) * 2 - 1
+
+    def ours_loss():
+        rec, commitment, _ = ours(x)
+        return F.l1_loss(rec, x) + commitment
+
+    def theirs_loss():
+        rec, mu, sigma = theirs(x)
+        kl = 0.5 * (mu.square() + sigma.square() - torch.log(sigma.square()) - 1).mean()
+        return F.l1_loss(rec, x) + 1e-6 * kl
+    return {"ours": (ours, ours_loss), "MONAI": (theirs, theirs_loss)}
+
+
+def interleaved(fns, device, warmup, repeats):
+    """Median seconds per call of each fn, the calls taking turns (ours, theirs, ours, ...): a machine
+    that slows down for a while slows both."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def block_times(model, run, device, repeats=5):
+    """Forward + backward time of each kind of block of our Unet3D, each timed alone on the input it
+    gets inside the network; as fractions of their sum."""
+    diffusion = load_stage("04_diffusion")
+    kinds = {diffusion.ResnetBlock: "ResNet blocks (1×3×3 convolutions)",
+             diffusion.LinearAttentionBlock: "per-slice linear attention",
+             diffusion.DepthAttention: "attention along depth",
+             diffusion.SpatialAttention: "full attention in each slice (middle)",
+             torch.nn.Conv3d: "first/last convolutions, downsampling", torch.nn.ConvTranspose3d: "upsampling"}
+    calls, hooks, claimed = [], [], []
+    for name, module in model.named_modules():
+        if type(module) in kinds and not any(name.startswith(c + ".") for c in claimed):
+            claimed.append(name)
+            hooks.append(module.register_forward_hook(lambda m, args, out: calls.append((m, args))))
+    with torch.no_grad():
+        run()
+    for h in hooks:
+        h.remove()
+    total = {}
+    for module, args in calls:
+        args = tuple(a.detach().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
+                     for a in args)
+        med, _ = time_it(lambda: module(*args).float().sum().backward(), device, 1, repeats)
+        total[kinds[type(module)]] = total.get(kinds[type(module)], 0.0) + med
+    return total
+
+
+def peers(args, device):
+    """Our training steps against MONAI's, side by side in this process; returns the rows."""
+    try:
+        import monai
+    except ImportError:
+        raise SystemExit("error: --peers needs MONAI (a benchmark-only dependency): make bench-peers, or "
+                         "pip install monai einops") from None
+    rows, breakdowns = [], {}
+    jobs = {f"denoiser, {c}": (lambda c=c: peer_denoiser_steps(c, device)) for c in PEER_DENOISERS}
+    jobs["autoencoder, demo"] = lambda: peer_autoencoder_steps(device)
+    for label, build in jobs.items():
+        pair = build()
+        steps = {}
+        for name, (model, loss_fn) in pair.items():
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+            def step(model=model, loss_fn=loss_fn, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss_fn().backward()
+                opt.step()
+            steps[name] = step
+        med = interleaved(steps, device, args.warmup, args.repeats)
+        row = dict(what=label, ratio=med["ours"] / med["MONAI"])
+        for name, (model, _) in pair.items():
+            row[name] = dict(ms=1000 * med[name], params=sum(p.numel() for p in model.parameters()),
+                             flops=count_flops(steps[name]))
+        rows.append(row)
+        print0(f"{label}: ours {row['ours']['ms']:.1f} ms, MONAI {row['MONAI']['ms']:.1f} ms, "
+               f"ratio {row['ratio']:.2f}")
+        if label.startswith("denoiser"):
+            model, loss_fn = pair["ours"]
+            breakdowns[label] = block_times(model.unet, loss_fn, device)
+    info = dict(monai=monai.__version__, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                device=device_name(device), threads=torch.get_num_threads())
+    lines = [f"{info['device']} · torch {info['torch']} · MONAI {info['monai']} · fp32 · {info['date']} · "
+             f"medians of {args.repeats}, interleaved", "",
+             "| training step | ours ms | MONAI ms | ours / MONAI | ours params | MONAI params "
+             "| ours GFLOP | MONAI GFLOP |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, m = r["ours"], r["MONAI"]
+        lines.append(f"| {r['what']} | {o['ms']:.1f} | {m['ms']:.1f} | **{r['ratio']:.2f}** | "
+                     f"{o['params'] / 1e6:.2f}M | {m['params'] / 1e6:.2f}M | {o['flops'] / 1e9:.2f} | "
+                     f"{m['flops'] / 1e9:.2f} |")
+    for label, blocks in breakdowns.items():
+        whole = sum(blocks.values())
+        lines += ["", f"Where our denoiser's step goes ({label}; each block timed alone, forward and "
+                      "backward):",
+                  "", "| block | ms | share |", "|---|---|---|"]
+        lines += [f"| {k} | {1000 * v:.1f} | {100 * v / whole:.0f} % |"
+                  for k, v in sorted(blocks.items(), key=lambda kv: -kv[1])]
+    text = "\n".join(lines)
+    print0("\n" + text)
+    out = args.out.with_name("peers.json")
+    save_json({"info": info, "rows": rows, "blocks": breakdowns, "table": text}, out)
+    print0(f"wrote {out}")
+    return rows
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 # --------------------------------------------------------------------------- main
 def measure(name, build, device, warmup, repeats, peak, flops_only=False):
     fn, volumes, shape, flop_fn = build()
@@ -243,18 +429,17 @@ def table(rows, info):
 def main(args):
     device = pick_device(args.device)
     prec = choose_precision(device, args.precision)
+    torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    elif not args.small:
+    if args.peers:
+        return peers(args, device)
+    if device.type != "cuda" and not args.small:
         print0("note: the paper's shapes on the CPU take minutes per step; --small is the CPU benchmark")
-    torch.manual_seed(0)
     batch = args.sample_batch or (1 if args.small else 4)
     peak_dtype = prec.dtype or torch.float32
     peak = matmul_peak(device, peak_dtype)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = device_name(device)
     info = dict(device=device.type, device_name=name, torch=torch.__version__, precision=prec.name,
                 shapes="small (demo)" if args.small else "paper", peak_tflops=peak / 1e12,
                 peak_dtype=str(peak_dtype).replace("torch.", ""), date=time.strftime("%Y-%m-%d"),

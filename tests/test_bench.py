@@ -25,6 +25,37 @@ def test_flop_count_of_a_conv3d_matches_the_closed_form():
     assert bench.count_flops(lambda: conv(x)) == 2 * (2 * 6 * 5 * 6 * 7) * (4 * 27)
 
 
+def test_flop_count_of_the_cpu_fused_attention_matches_the_closed_form():
+    """torch's counter does not know the CPU's fused attention kernel (it would count 0); bench's formula:
+    q·kᵀ and the weighted sum, 2·b·h·n_q·n_k·(d + d_v); the backward twice that."""
+    q, k, v = (torch.randn(2, 3, n, d, requires_grad=True) for n, d in ((5, 8), (7, 8), (7, 4)))
+    fwd = 2 * 2 * 3 * 5 * 7 * (8 + 4)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert bench.count_flops(lambda: sdpa(q, k, v)) == fwd
+    assert bench.count_flops(lambda: sdpa(q, k, v).sum().backward()) == 3 * fwd
+
+
+def test_peers_without_monai_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "monai", None)   # import monai -> ImportError
+    with pytest.raises(SystemExit, match="make bench-peers"):
+        bench.main(bench.get_args(["--peers", "--device", "cpu"]))
+
+
+def test_peers_interleave_the_calls(monkeypatch):
+    """interleaved() alternates the contenders and takes each one's median, on a scripted clock."""
+    clock, order = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def fn(name, cost):
+        def call():
+            order.append(name)
+            clock[0] += cost.pop(0)
+        return call
+    med = bench.interleaved({"ours": fn("ours", [9, 1, 2, 3]), "MONAI": fn("MONAI", [9, 4, 6, 5])},
+                            torch.device("cpu"), warmup=1, repeats=3)
+    assert order == ["ours", "MONAI"] * 4 and med == {"ours": 2, "MONAI": 5}
+
+
 def test_timer_reports_the_median(monkeypatch):
     """time_it on the CPU against a scripted clock (bench's time.perf_counter): each call of fn
     moves it on by a set whole number of seconds, so every figure is exact and load cannot matter."""
