@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt
 #   eval      MedicalNet ResNet-10 with random weights (the pretrained files need a download), a width-8
 #             fidelity probe for 300 steps.
 DEMO_RUNS  := runs/demo
-DIFF_STEPS := 1600
+DIFF_STEPS := 1900
 DIFF_ARGS  := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 \
 	--attn-dim-head 16 --batch-size 8 --lr 1e-3 --steps $(DIFF_STEPS) --ema-start 800 --ema-every 1 --ema-decay 0.99 \
 	--log-every 200 --save-every $(DIFF_STEPS) --n-preview 2 --workers 1 --fresh
