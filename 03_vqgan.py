@@ -43,8 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (ArgumentParser, at_least, bar, checkpoint_parts, csv_logger, ddp_check, eta,
                     first_step_line, load_checkpoint, open_resume, peak_memory_gb, positive, prepare_out,
                     print0, read_nifti, read_split, resume, run_stage, save_checkpoint, save_json,
-                    save_preview, sizing_note, soft_tissue, start_run, teardown_distributed, training_data_record,
-                    training_state, xyz_to_dhw)
+                    save_preview, sizing_note, soft_tissue, start_run, teardown_distributed,
+                    training_data_record, training_state, xyz_to_dhw)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -702,7 +702,7 @@ def main(args):
         if step % args.save_every == 0 or step == args.steps:
             save(step)
 
-    ddp_check(model, world)
+    ddp_check((model, disc2d, disc3d), world)
 
     if rank == 0:
         evaluate(model, args.prep, split["test"], out, device, prec)

@@ -467,6 +467,9 @@ class GaussianDiffusion(nn.Module):
         return mean + nonzero * (0.5 * logvar).exp() * noise
 
 
+DOUBLED_ON_CPU = 2**18  # latent elements up to which one doubled batch beats two passes on the CPU
+
+
 def guided_eps(denoiser, z, t, cond_inputs, w):
     """Eq. 4: ε̃ = (1 + w)·ε(z, c) − w·ε(z); w = 0 gives the conditional prediction, and an
     unconditional model (V0) ignores w. The two passes run as one doubled batch on a GPU and for small
@@ -482,9 +485,6 @@ def guided_eps(denoiser, z, t, cond_inputs, w):
         eps_c = denoiser(z, t, *cond_inputs)
         eps_u = denoiser(z, t, *cond_inputs, drop=torch.ones(len(z), dtype=torch.bool, device=z.device))
     return (1 + w) * eps_c - w * eps_u
-
-
-DOUBLED_ON_CPU = 2**18  # latent elements up to which one doubled batch beats two passes on the CPU
 
 
 def per_sample_noise(generators, shape, device):

@@ -578,12 +578,13 @@ def csv_logger(path, fields, start_step=0, enabled=True):
     return write
 
 
-def ddp_check(model, world):
-    """After DDP training: print the largest weight difference between rank 0 and any other (0 if
-    DDP kept them identical, as it should)."""
+def ddp_check(models, world):
+    """After DDP training: print the largest weight difference between rank 0 and any other, over
+    the given model(s) (0 if DDP kept them identical, as it should)."""
     if world < 2:
         return
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    models = models if isinstance(models, (list, tuple)) else [models]
+    flat = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
     ref = flat.clone()
     torch.distributed.broadcast(ref, 0)
     diff = (flat - ref).abs().max()

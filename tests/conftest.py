@@ -77,8 +77,9 @@ def torchrun(cmd, nproc=2, timeout=300):
         with socket.socket() as sock:  # a free loopback port
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        full = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(port), *cmd[1:]]
+        full = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                *cmd[1:]]
         return subprocess.run(full, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     r = launch()
