@@ -57,8 +57,8 @@ def test_mixed_precision_training_steps_close_to_fp32(precision):
         got, prec = losses(precision)
         assert torch.isfinite(got).all(), (losses.__name__, got)
         assert prec.name == precision and prec.scaler.is_enabled() == (precision == "fp16")
-        if precision == "fp16":  # the scaler scaled the losses and unscaled the gradients
-            assert prec.scaler.get_scale() > 0 and prec.scaler._found_inf_per_device is not None
+        if precision == "fp16":  # the scaler was used: its scale exists (made at the first scale())
+            assert prec.scaler._scale is not None and prec.scaler.get_scale() in (2.0**16, 2.0**15, 2.0**14)
         # the same steps, a few low bits apart (bf16 keeps 8 bits of mantissa, fp16 11); the GAN terms
         # are differences of small numbers, compared only for being finite
         cols = [0, 1, 6] if losses is vqgan_losses else [0]    # L1, commitment, locality; the loss
