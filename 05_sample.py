@@ -21,7 +21,8 @@ order, the augmented ones continue from there, so each case serves once before a
 Augmentation (§3.4.1): a flip, a random in-plane affine (rotation, scaling, translation) and a
 random elastic deformation (a smooth displacement field), all nearest-neighbour (scipy), so no new
 label appears. Conditions come from 04's extractor; sampling uses the EMA weights and Eq. 4 exactly,
-ε̃ = (1 + w)·ε(z, c) − w·ε(z), both passes in one batch (the release skipped the formula at w = 1).
+ε̃ = (1 + w)·ε(z, c) − w·ε(z), both passes in one doubled batch (two for large batches on a CPU; the
+release skipped the formula at w = 1).
 
 Each sample has its own seed, so it is reproducible on its own, whatever the batch. Reruns skip
 finished samples; under torchrun, samples are shared out across GPUs.

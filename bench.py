@@ -195,7 +195,7 @@ def diffusion_step(small, device, prec, compile_, batch=None):
 
 
 def sampling(small, device, prec, sampler, steps, batch, compile_):
-    """04's sample_latents (Eq. 4 guidance, w = 1: conditional and unconditional passes as one batch),
+    """04's sample_latents (Eq. 4 guidance, w = 1: both passes as one doubled batch, or two on a CPU),
     then 03's decoder through the quantiser, as 05 runs them (file writing not included)."""
     diffusion = load_stage("04_diffusion")
     va = stage_args("03_vqgan", small, SMALL_VQGAN)
