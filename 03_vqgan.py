@@ -526,15 +526,13 @@ def clip_gradients(nets, opt, prec, max_norm):
 
 
 def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, args):
-    """One step of Eq. 1 + λ·Eq. 2 for the autoencoder, then (once `gan_on`) one hinge step for both
+    """One step of Eq. 1 + λ·Eq. 2 for the autoencoder and (once `gan_on`) one hinge step for both
     discriminators; x (B, 1, D, H, W) in [-1, 1], with its precomputed organ boxes. Returns x̂ and
     the detached [l1, commitment, perceptual, g_image, g_volume, feat_match, locality, d_loss,
     perplexity]. Nothing here waits for the device (bench.py times this function)."""
     model_t, d2_t, d3_t = nets
     opt_ae, opt_d = opts
     device = x.device
-    for d in (d2_t, d3_t):  # the generator's loss needs no gradient for the discriminators' weights
-        d.requires_grad_(False)
     with prec.autocast():
         x_rec, commitment, perplexity = model_t(x)
         x_rec = x_rec.float()
@@ -546,34 +544,34 @@ def train_step(nets, opts, lpips, prec, x, batch_boxes, batch_has_box, gan_on, a
         perceptual = lpips(sl, sl_rec).mean() if lpips is not None else torch.zeros((), device=device)
         loc = locality_loss(x, x_rec, batch_boxes, batch_has_box)
         zero = torch.zeros((), device=device)
-        g_img = g_vol = feat = zero
+        g_img = g_vol = feat = d_loss = zero
         if gan_on:
+            # each discriminator sees x and x̂ once: the logits on x̂ serve both the generator's loss
+            # and the hinge loss (the discriminators change only after both backward passes)
             (lf2, ff2), (lf3, ff3) = d2_t(sl_rec), d3_t(x_rec)
+            (lr2, fr2), (lr3, fr3) = d2_t(sl), d3_t(x)
             g_img, g_vol = -lf2.mean(), -lf3.mean()
-            with torch.no_grad():
-                _, fr2 = d2_t(sl)
-                _, fr3 = d3_t(x)
             # feature matching, weight 4 / (n_layers + 1) per layer as in the reference
             fw = 4.0 / (args.disc_layers + 1)
             match = lambda ff, fr: sum(fw * F.l1_loss(a, b.detach()) for a, b in zip(ff, fr))
             feat = (match(ff2[:-1], fr2[:-1]) * (args.image_gan_weight > 0)
                     + match(ff3[:-1], fr3[:-1]) * (args.volume_gan_weight > 0))
+            d_loss = (args.image_gan_weight * hinge_d_loss(lr2, lf2)
+                      + args.volume_gan_weight * hinge_d_loss(lr3, lf3))
         loss = (args.l1_weight * l1 + commitment + args.perceptual_weight * perceptual
                 + args.image_gan_weight * g_img + args.volume_gan_weight * g_vol
                 + args.gan_feat_weight * feat + args.lambda_loc * loc)                  # Eq. 1 + λ·Eq. 2
+    # each loss reaches only its own optimiser's weights (`inputs`): the hinge loss stops at x̂, the
+    # generator's loss passes through the discriminators without a gradient for their weights
+    weights = lambda opt: [p for group in opt.param_groups for p in group["params"]]
     opt_ae.zero_grad(set_to_none=True)
-    prec.scaler.scale(loss).backward()
+    if gan_on:
+        opt_d.zero_grad(set_to_none=True)
+        prec.scaler.scale(d_loss).backward(inputs=weights(opt_d), retain_graph=True)
+    prec.scaler.scale(loss).backward(inputs=weights(opt_ae))
     clip_gradients(model_t, opt_ae, prec, args.grad_clip)
     prec.scaler.step(opt_ae)
-    d_loss = zero
-    for d in (d2_t, d3_t):
-        d.requires_grad_(True)
-    if gan_on:  # discriminator step: hinge loss on real vs reconstructed (detached)
-        with prec.autocast():
-            d_loss = args.image_gan_weight * hinge_d_loss(d2_t(sl)[0], d2_t(sl_rec.detach())[0]) + \
-                args.volume_gan_weight * hinge_d_loss(d3_t(x)[0], d3_t(x_rec.detach())[0])
-        opt_d.zero_grad(set_to_none=True)
-        prec.scaler.scale(d_loss).backward()
+    if gan_on:
         clip_gradients((d2_t, d3_t), opt_d, prec, args.grad_clip)
         prec.scaler.step(opt_d)
     prec.scaler.update()

@@ -35,6 +35,7 @@ seeds each.
     python 07_ssl_seg.py   # real, synthetic-lad, mixed-lad; 5 runs each
     python 07_ssl_seg.py --synthetic lad=runs/samples --synthetic v0=runs/samples_v0   # Fig. 6: Lad vs V0
     python 07_ssl_seg.py --backbone-weights resnet101-63fe2227.pth # a torchvision ResNet-101 to start from
+    torchrun --nproc_per_node 4 07_ssl_seg.py   # the runs shared out over 4 GPUs, each trained whole by one
     python 07_ssl_seg.py --prep data/demo/prep --synthetic lad=runs/demo/samples --out runs/demo/ssl \\
         --backbone resnet18 --iters 500 --lr 1e-2 --lr-step 100 --runs 1 --sp-min-size 100 \\
         --pool-train 1 --pool-test 1 --shift 1.25 --elastic-alpha 2.5 --elastic-sigma 1.25 --workers 2
@@ -388,12 +389,12 @@ def load_sources(jobs, workers):
             results = list(bar(loads, total=len(keys), desc="superpixels"))
     for k, r in zip(keys, results):
         if isinstance(r, str):
-            print(f"skipped: {r}")
+            print0(f"skipped: {r}")
             bad += 1
             continue
         out[k] = r[:2]
         cached += r[2]
-    print(f"superpixels: {len(out)} volumes ({cached} from the cache, {len(out) - cached} computed), "
+    print0(f"superpixels: {len(out)} volumes ({cached} from the cache, {len(out) - cached} computed), "
           f"{bad} skipped")
     return out
 
@@ -682,15 +683,17 @@ def plot_dice(path, summary, organs, title):
 def main(args):
     t_start = time.perf_counter()
     run, prec = start_run(args.device, args.precision, seed=0)
-    device = run.device
+    device, rank, world = run.device, run.rank, run.world_size
     split = read_split(args.prep)
     hu = json.loads((args.prep / "config.json").read_text())["hu"]
-    prepare_out(args.out, [args.prep, *args.synthetic.values()])
+    if rank == 0:
+        prepare_out(args.out, [args.prep, *args.synthetic.values()])
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                 if k not in ("train", "sets", "runs", "seeds", "synthetic", "out", "workers", "device",
                              "eval_batch", "log_every", "save_every", "overwrite", "prep")}
     settings["prep"], settings["hu"] = str(args.prep.resolve()), hu
-    guard_settings(args.out / "settings.json", settings, args.overwrite)
+    if rank == 0:
+        guard_settings(args.out / "settings.json", settings, args.overwrite)
     res_path = args.out / "results.json"
     runs = {} if args.overwrite or not res_path.exists() else json.loads(res_path.read_text()).get("runs", {})
 
@@ -715,8 +718,11 @@ def main(args):
             if (src, f) not in jobs and f.exists():
                 jobs[(src, f)] = (f, cache, cache_key(f, args, hu), hu, tuple(args.window), sp_args)
             elif not f.exists():
-                print(f"skipped: {f}: no such file")
-    loaded = load_sources(jobs, args.workers)
+                print0(f"skipped: {f}: no such file")
+    loaded = load_sources(jobs, args.workers) if rank == 0 else None
+    if world > 1:  # torchrun: the other ranks read the superpixels rank 0 computed and cached
+        torch.distributed.barrier()
+        loaded = load_sources(jobs, args.workers) if rank > 0 else loaded
 
     # --- test volumes: the support and the queries, with their labels
     test = []
@@ -724,7 +730,7 @@ def main(args):
         try:
             test.append(load_labelled(args.prep, c, hu, args.window))
         except ValueError as e:
-            print(f"skipped test case: {e}")
+            print0(f"skipped test case: {e}")
     support_name = args.support_case or (test[0][0] if test else None)
     support = next((t for t in test if t[0] == support_name), None)
     # e.g. a training case (its labels are never used in training)
@@ -738,7 +744,7 @@ def main(args):
     queries = [t for t in test if t[0] != support_name]
     if not queries:
         raise SystemExit("error: no query volume left (the test split needs 2 cases, or pass --support-case)")
-    print(f"test: support {support_name}, {len(queries)} query volumes; organs "
+    print0(f"test: support {support_name}, {len(queries)} query volumes; organs "
           + ", ".join(f"{o} {ids}" for o, ids in args.organs.items()))
     if args.iters > 5000 or args.backbone == "resnet101":
         sizing_note(device, f"--backbone {args.backbone}, --iters {args.iters}",
@@ -756,24 +762,25 @@ def main(args):
     def record():  # results.json after every run; the summary over this command's sets and seeds
         summary = summarise({k: r for k, r in runs.items() if r["seed"] in args.seeds},
                             args.sets, args.organs)
-        save_json({"settings": settings, "note": note, "runs": runs, "summary": summary}, res_path)
+        if rank == 0:
+            save_json({"settings": settings, "note": note, "runs": runs, "summary": summary}, res_path)
         return summary
 
     for s in args.sets:
         members = [(src, f) for src, f in plan[s] if (src, f) in loaded]
         if not members:
-            print(f"[{s}] no readable volumes, skipped")
+            print0(f"[{s}] no readable volumes, skipped")
             continue
         shape = loaded[members[0]][0].shape[1:]
         for m in [m for m in members if loaded[m][0].shape[1:] != shape]:
-            print(f"skipped: {m[1]}: slices {loaded[m][0].shape[1:]}, the set's first volume has {shape}")
+            print0(f"skipped: {m[1]}: slices {loaded[m][0].shape[1:]}, the set's first volume has {shape}")
             members.remove(m)
         fp = evaluation.file_key([(f, None) for _, f in members])
         todo = [seed for seed in args.seeds if pending(s, seed, fp)]
         volumes = {src: sum(1 for m in members if m[0] == src)
                    for src in dict.fromkeys(src for src, _ in members)}
         if not todo:
-            print(f"[{s}] {args.runs} run(s) recorded in {res_path} already (--overwrite redoes them)")
+            print0(f"[{s}] {args.runs} run(s) recorded in {res_path} already (--overwrite redoes them)")
             continue
         # z-score with the training set's statistics (the reference's CT_normalize), test volumes included
         vols = np.concatenate([loaded[m][0] for m in members])
@@ -787,10 +794,11 @@ def main(args):
         del vols, sps
         norm = lambda t: (t[0], torch.from_numpy((t[1] - mean) / std).to(device), t[2])
         sup_n, qry_n = norm(support), [norm(q) for q in queries]
-        print(f"[{s}] {len(members)} volumes ({', '.join(f'{n} {k}' for k, n in volumes.items())}), "
+        print0(f"[{s}] {len(members)} volumes ({', '.join(f'{n} {k}' for k, n in volumes.items())}), "
               f"{int(keep.sum())} slices with superpixels (mean {nsp[keep].mean():.1f} per slice); "
               f"z-score {mean:.3f} ± {std:.3f}")
-        for seed in todo:
+        mine = todo[rank::world]  # torchrun: the runs (seeds) are shared out, each trained whole by one rank
+        for seed in mine:
             tag = f"{s}/seed{seed}"
             model, stats = train_run(data, args, prec, device, seed,
                                      args.out / "checkpoints" / f"{s}_seed{seed}.pt",
@@ -805,14 +813,21 @@ def main(args):
                          "organ_dice": organ, **stats,
                          "eval_seconds": round(time.perf_counter() - t0, 1)}
             record()
-            print0(f"[{tag}] Dice "
-                   + ", ".join(f"{o} {'–' if v is None else f'{v:.3f}'}" for o, v in organ.items()))
+            print(f"[{tag}] Dice "
+                  + ", ".join(f"{o} {'–' if v is None else f'{v:.3f}'}" for o, v in organ.items()), flush=True)
             del model
+        if world > 1:  # every rank's runs of this set, recorded by rank 0
+            got = [None] * world
+            torch.distributed.all_gather_object(got, {f"{s}/seed{k}": runs[f"{s}/seed{k}"] for k in mine})
+            runs.update({k: v for g in got for k, v in g.items()})
+            record()
 
     summary = record()
-    print(write_table(args.out / "table.md", summary, list(args.organs), note))
+    if rank > 0:
+        return summary
+    print0(write_table(args.out / "table.md", summary, list(args.organs), note))
     plot_dice(args.out / "dice.png", summary, list(args.organs), note)
-    print(f"wrote {res_path} ({len(runs)} runs), {args.out / 'table.md'}, {args.out / 'dice.png'}; "
+    print0(f"wrote {res_path} ({len(runs)} runs), {args.out / 'table.md'}, {args.out / 'dice.png'}; "
           f"superpixels in {args.out / 'superpixels'}, checkpoints in {args.out / 'checkpoints'}; "
           f"{time.perf_counter() - t_start:.0f} s")
     return summary

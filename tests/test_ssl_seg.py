@@ -4,6 +4,7 @@ hand-made slices, the 1-shot chunk protocol with an oracle encoder, resumable tr
 to end."""
 import json
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from common import choose_precision, load_stage, read_nifti, write_nifti
-from conftest import REPO
+from conftest import REPO, torchrun
 
 ss = load_stage("07_ssl_seg")
 
@@ -525,6 +526,34 @@ def test_cli_real_synthetic_mixed_resume_and_cache(small_prep, fake_samples, tmp
     r = subprocess.run([sys.executable, str(REPO / "07_ssl_seg.py"), *argv, "--iters", "2"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and "iters" in r.stderr + r.stdout
+
+
+def test_torchrun_shares_out_the_runs_and_gathers_them(small_prep, tmp_path):
+    """Two gloo processes train two seeds, one each, and rank 0 records both: the same results.json as
+    one process (each run is trained whole by one rank, so sharing them out changes no figure)."""
+    torch.save({**ss.ResNet("resnet18").state_dict(), "fc.weight": torch.zeros(1000, 512),
+                "fc.bias": torch.zeros(1000)}, tmp_path / "r18.pth")
+    argv = [str(REPO / "07_ssl_seg.py"), "--prep", str(small_prep), "--train", "real", "--runs", "2", "--backbone", "resnet18",
+            "--backbone-weights", str(tmp_path / "r18.pth"), "--channels", "32", "--iters", "3",
+            "--sp-min-size", "30", "--pool-train", "1", "--pool-test", "1", "--lr-step", "2", "--shift", "2",
+            "--elastic-alpha", "4", "--elastic-sigma", "2", "--log-every", "3", "--eval-batch", "8",
+            "--device", "cpu"]
+    r = torchrun([sys.executable, *argv, "--out", str(tmp_path / "ddp")])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # torchrun's processes use one thread
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert r.stdout.count("[real/seed0] Dice") == 1 and r.stdout.count("[real/seed1] Dice") == 1, r.stdout
+    assert r.stdout.count("superpixels: ") == 1 and r.stdout.count("| real |") == 1, r.stdout  # rank 0 reports
+    ddp, ref = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("ddp", "one"))
+    assert sorted(ddp["runs"]) == ["real/seed0", "real/seed1"] and ddp["summary"]["real"]["runs"] == 2
+    flat = lambda d, k="": ({k: d} if not isinstance(d, dict) else
+                           {kk: v for key, sub in d.items() for kk, v in flat(sub, f"{k}/{key}").items()})
+    for tag in ddp["runs"]:
+        assert flat(ddp["runs"][tag]["dice"]) == pytest.approx(flat(ref["runs"][tag]["dice"]), abs=1e-6), tag
+        assert (tmp_path / "ddp" / "logs" / f"{tag.replace('/', '_')}.csv").is_file()
+    assert flat(ddp["summary"]) == pytest.approx(flat(ref["summary"]), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- it learns

@@ -1,5 +1,6 @@
 """03_vqgan.py: parameter parity, codebook EMA/restart by hand, locality loss against explicit
 crops, metrics in closed form, LPIPS loading, overfitting, resume, DDP."""
+import copy
 import csv
 import json
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import load_stage, read_nifti, xyz_to_dhw
+from common import choose_precision, load_stage, read_nifti, xyz_to_dhw
 from conftest import REPO, torchrun
 
 vq = load_stage("03_vqgan")
@@ -263,3 +264,46 @@ def test_ddp_two_gloo_processes_agree(tmp_path, masked_prep):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[:6000]
     assert ("2 process(es)" in r.stdout
             and "DDP check: max weight difference across 2 ranks = 0" in r.stdout), r.stdout
+
+
+def test_train_step_sends_each_loss_to_its_own_weights():
+    """One pass of each discriminator serves both losses: with plain SGD (lr 1, no clipping) every weight
+    moves by minus the gradient of its own loss, computed here the long way (the discriminators frozen
+    for the generator's loss; fresh passes on x and the detached x̂ for the hinge loss)."""
+    args = vq.get_args(["--perceptual-weights", "auto", "--n-hiddens", "8", "--num-groups", "8", "--n-codes",
+                        "32", "--disc-channels", "8", "--perceptual-weight", "0", "--grad-clip", "0"])
+    torch.manual_seed(0)
+    model = vq.VQGAN(args.n_hiddens, args.downsample, args.embedding_dim, args.n_codes, args.num_groups).eval()
+    d2, d3 = vq.PatchGAN(2, args.disc_channels, args.disc_layers), vq.PatchGAN(3, args.disc_channels,
+                                                                             args.disc_layers)
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    boxes, has_box = torch.tensor([[4, 12, 4, 12, 4, 12], [0, 8, 2, 10, 6, 14]]), torch.ones(2, dtype=torch.bool)
+    r_model, r2, r3 = (copy.deepcopy(m) for m in (model, d2, d3))
+    torch.manual_seed(3)  # the long way: the codebook is fixed in eval mode, so x̂ is the step's
+    x_rec, commitment, _ = r_model(x)
+    z, b = torch.randint(x.shape[2], (2,)), torch.arange(2)
+    sl, sl_rec = x[b, :, z], x_rec[b, :, z]
+    r2.requires_grad_(False), r3.requires_grad_(False)
+    (lf2, ff2), (lf3, ff3) = r2(sl_rec), r3(x_rec)
+    with torch.no_grad():
+        fr = r2(sl)[1][:-1] + r3(x)[1][:-1]
+    feat = sum(4 / (args.disc_layers + 1) * F.l1_loss(a, r) for a, r in zip(ff2[:-1] + ff3[:-1], fr))
+    g_loss = (args.l1_weight * F.l1_loss(x_rec, x) + commitment - args.image_gan_weight * lf2.mean()
+              - args.volume_gan_weight * lf3.mean() + args.gan_feat_weight * feat
+              + args.lambda_loc * vq.locality_loss(x, x_rec, boxes, has_box))
+    g_grads = torch.autograd.grad(g_loss, list(r_model.parameters()), allow_unused=True)
+    r2.requires_grad_(True), r3.requires_grad_(True)
+    hinge = lambda real, fake: 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+    d_loss = (args.image_gan_weight * hinge(r2(sl)[0], r2(sl_rec.detach())[0])
+              + args.volume_gan_weight * hinge(r3(x)[0], r3(x_rec.detach())[0]))
+    d_grads = torch.autograd.grad(d_loss, [*r2.parameters(), *r3.parameters()])
+
+    ae, disc = list(model.parameters()), [*d2.parameters(), *d3.parameters()]
+    before = [p.detach().clone() for p in ae + disc]
+    opts = torch.optim.SGD(ae, lr=1.0), torch.optim.SGD(disc, lr=1.0)
+    torch.manual_seed(3)
+    _, stats = vq.train_step((model, d2, d3), opts, None, choose_precision("cpu"), x, boxes, has_box, True, args)
+    torch.testing.assert_close(stats[7], d_loss.detach(), rtol=1e-5, atol=1e-6)
+    for p0, p, g in zip(before, ae + disc, [*g_grads, *d_grads]):
+        torch.testing.assert_close(p0 - p.detach(), torch.zeros_like(p0) if g is None else g, rtol=1e-4, atol=1e-6)
+    assert any(g is not None and g.abs().max() > 0 for g in d_grads) and g_grads[0].abs().max() > 0
