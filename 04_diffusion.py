@@ -19,6 +19,9 @@ The locality condition c (§3.3.2) joins the time embedding:
 --cond selects Table 2's rows: none (V0, Medical Diffusion), content (V1), structure (V2), both
 (V3; "Full" when the VQ-GAN was trained with the locality loss). Classifier-free guidance: with
 probability --p-uncond 0.25 the condition is replaced by a *learned* null embedding.
+Beyond the paper, --spatial also puts the mask where the organ goes: its latent (the content
+extractor's input) joins z_t as 8 more input channels, a learned null map when the condition is
+dropped; alone with --cond none, beside the paper's vector with --cond both (docs/spatial.md).
 
 Where we differ from the authors' release, on purpose (docs/reference.md §3):
   1. the two content convs are trained parameters (the release created them anew inside each
@@ -30,6 +33,7 @@ Where we differ from the authors' release, on purpose (docs/reference.md §3):
     python 04_diffusion.py                                 # the paper: 150k steps, batch 20, --cond both
     torchrun --nproc_per_node 2 04_diffusion.py --batch-size 10
     python 04_diffusion.py --cond none --out runs/diffusion_v0   # Medical Diffusion (V0)
+    python 04_diffusion.py --spatial --out runs/diffusion_spatial # beyond the paper: + the mask as channels
 """
 import copy
 import math
@@ -65,6 +69,8 @@ def get_args(argv=None):
     m.add_argument("--cond", choices=["none", "content", "structure", "both"], default="both",
                    help="locality condition (Table 2): none = V0, content = V1, structure = V2, "
                         "both = V3/Full")
+    m.add_argument("--spatial", action="store_true",
+                   help="beyond the paper: the mask's latent also joins z_t as input channels")
     m.add_argument("--dim", type=at_least(1), default=64, help="Unet3D base width")
     m.add_argument("--dim-mults", type=at_least(1), nargs="+", default=(1, 2, 4, 8),
                    help="width multipliers per level")
@@ -310,12 +316,14 @@ class LinearAttentionBlock(nn.Module):
 class Unet3D(nn.Module):
     """ε_θ(z_t, t, c): (B, C, D, H, W) -> predicted ε; H, W halved per level, D kept (pseudo-3-D).
     `cond` (B, cond_dim) joins the time embedding; `drop` (B,) picks the learned null embedding."""
-    def __init__(self, channels=8, dim=64, dim_mults=(1, 2, 4, 8), cond_dim=0, heads=8, dim_head=32):
+    def __init__(self, channels=8, dim=64, dim_mults=(1, 2, 4, 8), cond_dim=0, heads=8, dim_head=32,
+                 in_channels=None):
         super().__init__()
+        in_channels = in_channels or channels  # more than `channels` when a map joins z_t (--spatial)
         self.kwargs = dict(channels=channels, dim=dim, dim_mults=list(dim_mults), cond_dim=cond_dim,
-                           heads=heads, dim_head=dim_head)
+                           heads=heads, dim_head=dim_head, in_channels=in_channels)
         self.rel_pos_bias = RelativePositionBias(heads)
-        self.init_conv = nn.Conv3d(channels, dim, (1, 7, 7), padding=(0, 3, 3))
+        self.init_conv = nn.Conv3d(in_channels, dim, (1, 7, 7), padding=(0, 3, 3))
         self.init_depth_attn = DepthAttention(dim, heads, dim_head)
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(),
@@ -392,14 +400,27 @@ class ConditionExtractor(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Condition extractor + Unet3D, trained (and EMA-averaged, checkpointed) together."""
-    def __init__(self, extractor_kwargs, unet_kwargs):
+    """Condition extractor + Unet3D, trained (and EMA-averaged, checkpointed) together. spatial=True
+    (beyond the paper): the mask latent also joins z_t as channels, a learned null map when dropped."""
+    def __init__(self, extractor_kwargs, unet_kwargs, spatial=False):
         super().__init__()
         self.extractor = ConditionExtractor(**extractor_kwargs)
-        self.unet = Unet3D(**{**unet_kwargs, "cond_dim": self.extractor.dim})
-        self.kwargs = dict(extractor_kwargs=self.extractor.kwargs, unet_kwargs=self.unet.kwargs)
+        latent_shape = self.extractor.kwargs["latent_shape"]
+        self.null_map = nn.Parameter(torch.zeros(1, *latent_shape)) if spatial else None
+        self.unet = Unet3D(**{**unet_kwargs, "cond_dim": self.extractor.dim,
+                              "in_channels": latent_shape[0] * (2 if spatial else 1)})
+        self.kwargs = dict(extractor_kwargs=self.extractor.kwargs, unet_kwargs=self.unet.kwargs,
+                           spatial=spatial)
+
+    @property
+    def conditional(self):
+        return self.extractor.dim > 0 or self.null_map is not None
 
     def forward(self, z_t, t, mask_latent=None, betti=None, drop=None):
+        if self.null_map is not None:
+            m = mask_latent if drop is None else torch.where(drop[:, None, None, None, None], self.null_map,
+                                                             mask_latent)
+            z_t = torch.cat([z_t, m.to(z_t.dtype)], 1)
         return self.unet(z_t, t, self.extractor(mask_latent, betti), drop)
 
 
@@ -474,7 +495,7 @@ def guided_eps(denoiser, z, t, cond_inputs, w):
     """Eq. 4: ε̃ = (1 + w)·ε(z, c) − w·ε(z); w = 0 gives the conditional prediction, and an
     unconditional model (V0) ignores w. The two passes run as one doubled batch on a GPU and for small
     batches on the CPU; two passes are faster for large batches on the CPU (docs/performance.md)."""
-    if denoiser.extractor.dim == 0 or w == 0:
+    if not denoiser.conditional or w == 0:
         return denoiser(z, t, *cond_inputs)
     if z.is_cuda or 2 * z.numel() <= DOUBLED_ON_CPU:
         drop = torch.arange(2 * len(z), device=z.device) >= len(z)  # the second copy: unconditional
@@ -703,7 +724,7 @@ def main(args):
 
     model = Denoiser(dict(mode=args.cond, latent_shape=latent_shape, depth=depth),
                      dict(channels=latent_shape[0], dim=args.dim, dim_mults=args.dim_mults,
-                          heads=args.attn_heads, dim_head=args.attn_dim_head)).to(device)
+                          heads=args.attn_heads, dim_head=args.attn_dim_head), args.spatial).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ddpm = GaussianDiffusion(args.timesteps).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
@@ -744,7 +765,8 @@ def main(args):
                      vrange=soft_tissue(args.prep), names=MASK_NAMES)
 
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d); "
+    print0(f"Denoiser {n_params / 1e6:.2f}M params (condition '{args.cond}', {model.extractor.dim}-d"
+           f"{' + the mask as channels' if args.spatial else ''}); "
            f"{n_train} latents {latent_shape}; {world} process(es) on {device}, {prec.name}; "
            f"batch {args.batch_size}×{world}×{args.grad_accum}, lr {args.lr}, p_uncond {args.p_uncond}")
     sizing_note(device, gpu_sized(latent_shape, depth, args), CPU_SIZED)

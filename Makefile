@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := data/demo
 
-.PHONY: demo demo-ssl reproduce reproduce-tiny test test-all bench-peers gpu-check clean-demo
+.PHONY: demo demo-ssl demo-spatial reproduce reproduce-tiny test test-all bench-peers gpu-check clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,8 @@ DIFF_STEPS := 1900
 DIFF_ARGS  := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --dim 16 --dim-mults 1 2 4 8 --attn-heads 4 \
 	--attn-dim-head 16 --batch-size 8 --lr 1e-3 --steps $(DIFF_STEPS) --ema-start 800 --ema-every 1 --ema-decay 0.99 \
 	--log-every 200 --save-every $(DIFF_STEPS) --n-preview 2 --workers 1 --fresh
+EVAL_ARGS := --real $(DEMO)/prep --med3d-depth 10 --pairs 400 --fidelity-steps 300 --fidelity-batch 16 \
+	--fidelity-width 8
 SAMPLE_ARGS := --prep $(DEMO)/prep --vqgan $(DEMO_RUNS)/vqgan/ckpt.pt --n-original 6 --n-augmented 6 --guidance 1.0 \
 	--sampler ddim --steps 50 --batch-size 5 --overwrite
 
@@ -48,9 +50,16 @@ demo: $(VENV)/.installed
 	wait $$v0; v0=$$?; tail -n 2 $(DEMO_RUNS)/diffusion_v0.log; [ $$lad -eq 0 ] && [ $$v0 -eq 0 ]
 	$(PY) 05_sample.py $(SAMPLE_ARGS) --diffusion $(DEMO_RUNS)/diffusion/ckpt.pt --out $(DEMO_RUNS)/samples
 	$(PY) 05_sample.py $(SAMPLE_ARGS) --diffusion $(DEMO_RUNS)/diffusion_v0/ckpt.pt --out $(DEMO_RUNS)/samples_v0
-	$(PY) 06_eval.py --real $(DEMO)/prep --fake lad=$(DEMO_RUNS)/samples --fake v0=$(DEMO_RUNS)/samples_v0 \
-		--out $(DEMO_RUNS)/eval --med3d-depth 10 --pairs 400 --fidelity-steps 300 --fidelity-batch 16 --fidelity-width 8
+	$(PY) 06_eval.py $(EVAL_ARGS) --fake lad=$(DEMO_RUNS)/samples --fake v0=$(DEMO_RUNS)/samples_v0 \
+		--out $(DEMO_RUNS)/eval
 	$(PY) tests/learning_checks.py $(DEMO_RUNS)
+
+# Beyond the paper (docs/spatial.md): the mask as input channels of the denoiser (04 --spatial), alone and beside
+# the paper's vector, against Lad and V0 at the demo's budget, seeds 0 and 1; after `make demo` (its phantoms, masks
+# and VQ-GAN). Eight denoisers, two at a time: about 75 min on 2 cores. Table: runs/demo/spatial/table.md.
+demo-spatial: $(VENV)/.installed
+	$(PY) scripts/spatial_compare.py --diff-args "$(DIFF_ARGS)" --sample-args "$(SAMPLE_ARGS)" \
+		--eval-args "$(EVAL_ARGS)" --out $(DEMO_RUNS)/spatial --seeds 0 1
 
 # The downstream test (paper §4.3, Fig. 6) on the demo's output: SSL-ALPNet trained on real vs synthetic (Lad)
 # vs mixed phantoms, ResNet-18, 500 episodes each (about 2 min on 2 cores; too long for `make demo`'s 15 minutes,
