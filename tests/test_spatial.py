@@ -92,3 +92,24 @@ def test_spatial_checkpoint_rebuilds_and_samples(tmp_path, masked_prep):
                         "--steps", "3", "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode == 0 and "+ the mask as channels" in r.stdout, r.stderr[-2000:]
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["written"] == {"original": 1, "augmented": 1}
+
+
+def test_the_comparison_table_averages_the_seeds(tmp_path):
+    """scripts/spatial_compare.py's table from two hand-made 06 outputs: the mean, each seed, a gap."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("spatial_compare", REPO / "scripts" / "spatial_compare.py")
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    row = lambda v: {"fid": v, "mmd": v, "fid_local": v, "mmd_local": v, "ms_ssim": v,
+                     "fidelity": {"dice_organ": v, "dice_tumour": None}, "contrast": {"own_hu": 10 * v,
+                                                                                      "shuffled_hu": v}}
+    for seed, v in ((0, 0.2), (1, 0.4)):
+        (tmp_path / f"seed{seed}" / "eval").mkdir(parents=True)
+        results = {name: row(v + i) for i, name in enumerate(["real", *sc.MODELS])}
+        (tmp_path / f"seed{seed}" / "eval" / "metrics.json").write_text(json.dumps({"results": results}))
+    text = sc.table(tmp_path, [0, 1])
+    lad = next(line for line in text.splitlines() if line.startswith("| lad |"))
+    assert "| 1.3000 (1.2000 / 1.4000) |" in lad and "| 1.300 (1.200 / 1.400) | – |" in lad
+    assert "| 13.0 (12.0 / 14.0) |" in lad
+    rec = json.loads((tmp_path / "results.json").read_text())
+    assert rec["results"]["spatial_global"]["Dice organ"] == [4.2, 4.4] and (tmp_path / "table.md").is_file()
