@@ -204,7 +204,7 @@ def test_linear_attention_against_the_convolutional_form():
 
 def test_guidance_combines_as_eq4(monkeypatch):
     class Stub(torch.nn.Module):  # ε(z, c) = a, ε(z) = b
-        extractor = type("E", (), {"dim": 3})()
+        conditional = True
 
         def forward(self, z, t, m, bb, drop=None):
             a, b = torch.full_like(z, 2.0), torch.full_like(z, -1.0)

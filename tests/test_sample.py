@@ -59,7 +59,7 @@ def test_elastic_field_smooth_and_deterministic():
 
 class Stub(torch.nn.Module):
     """ε(z, c) = a·z, ε(z) = b·z: Eq. 4 gives ((1 + w)·a − w·b)·z."""
-    extractor = type("E", (), {"dim": 3})()
+    conditional = True  # what guided_eps asks of a denoiser
 
     def __init__(self, a=0.3, b=-0.2):
         super().__init__()
