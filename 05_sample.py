@@ -197,7 +197,8 @@ def main(args):
            f"augmented masks), {len(mine) - len(todo)} of this process's {len(mine)} done already; "
            f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'}, w = {args.guidance}, "
            f"condition '{ckpt['model_kwargs']['extractor_kwargs']['mode']}'"
-           f"{' + the mask as channels' if ckpt['model_kwargs'].get('spatial') else ''}, on {device} ({prec.name})")
+           f"{' + the mask as channels' if ckpt['model_kwargs'].get('spatial') else ''}, "
+           f"on {device} ({prec.name})")
     if latent_shape[-1] * latent_shape[-2] >= 32 * 32:  # the paper's latents are 8×8×64×64
         sizing_note(device, "×".join(map(str, latent_shape)) + f" latents, {args.sampler}",
                     "the checkpoints of `make demo` (8×4×16×16 latents), --sampler ddim --steps 50")

@@ -813,8 +813,8 @@ def main(args):
                          "organ_dice": organ, **stats,
                          "eval_seconds": round(time.perf_counter() - t0, 1)}
             record()
-            print(f"[{tag}] Dice "
-                  + ", ".join(f"{o} {'–' if v is None else f'{v:.3f}'}" for o, v in organ.items()), flush=True)
+            dice_line = ", ".join(f"{o} {'–' if v is None else f'{v:.3f}'}" for o, v in organ.items())
+            print(f"[{tag}] Dice {dice_line}", flush=True)  # every rank: its own runs
             del model
         if world > 1:  # every rank's runs of this set, recorded by rank 0
             got = [None] * world

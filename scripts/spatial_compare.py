@@ -72,8 +72,9 @@ def table(out, seeds):
                          + " / ".join("–" if v is None else f"{v:.{digits}f}" for v in vals) + ")")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     head = ("| set | " + " | ".join(c for c, _, _ in COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|\n")
-    note = (f"Mean over seeds {', '.join(map(str, seeds))} (each seed in brackets); 06 with random MedicalNet "
-            f"features on the demo's phantoms. Lad and V0 are the paper's; spatial and spatial_global are not.")
+    note = (f"Mean over seeds {', '.join(map(str, seeds))} (each seed in brackets); 06 with random "
+            f"MedicalNet features on the demo's phantoms. Lad and V0 are the paper's; spatial and "
+            f"spatial_global are not.")
     text = f"{note}\n\n{head}" + "\n".join(rows) + "\n"
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"seeds": seeds, "columns": [c for c, _, _ in COLUMNS],

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from common import choose_precision, load_stage, save_checkpoint
+from common import load_stage, save_checkpoint
 from conftest import REPO
 
 dm = load_stage("04_diffusion")
@@ -36,7 +36,8 @@ def inside_over_outside(model):
 
 def test_a_mask_change_acts_where_it_happened():
     spatial, paper = inside_over_outside(tiny().eval()), inside_over_outside(tiny("content", False).eval())
-    print(f"|Δε| inside the changed patch / far from it: spatial {spatial:.1f}, the paper's vector {paper:.1f}")
+    print(f"|Δε| inside the changed patch / far from it: spatial {spatial:.1f}, "
+          f"the paper's vector {paper:.1f}")
     assert spatial > 4 and spatial > 2 * paper  # the vector's change reaches everywhere through the embedding
 
 
@@ -72,9 +73,10 @@ def test_spatial_checkpoint_rebuilds_and_samples(tmp_path, masked_prep):
     m = vq.VQGAN(n_hiddens=8, n_codes=32, num_groups=8)
     save_checkpoint({"step": 0, "model_kwargs": m.kwargs, "model": m.state_dict()}, tmp_path / "vq.pt")
     cmd = lambda steps, *extra: [
-        sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep), "--vqgan", str(tmp_path / "vq.pt"),
-        "--out", str(tmp_path / "diff"), "--dim", "8", "--dim-mults", "1", "2", "--attn-heads", "2",
-        "--attn-dim-head", "8", "--timesteps", "10", "--batch-size", "2", "--steps", str(steps), "--save-every", "2",
+        sys.executable, str(REPO / "04_diffusion.py"), "--prep", str(masked_prep),
+        "--vqgan", str(tmp_path / "vq.pt"), "--out", str(tmp_path / "diff"), "--dim", "8",
+        "--dim-mults", "1", "2", "--attn-heads", "2", "--attn-dim-head", "8", "--timesteps", "10",
+        "--batch-size", "2", "--steps", str(steps), "--save-every", "2",
         "--ema-start", "1", "--ema-every", "1", "--device", "cpu", "--workers", "1", *extra]
     r = subprocess.run(cmd(2, "--spatial", "--cond", "both"), capture_output=True, text=True)
     assert r.returncode == 0 and "the mask as channels" in r.stdout, r.stderr[-2000:]
@@ -91,7 +93,8 @@ def test_spatial_checkpoint_rebuilds_and_samples(tmp_path, masked_prep):
                         str(tmp_path / "s"), "--n-original", "1", "--n-augmented", "1", "--sampler", "ddim",
                         "--steps", "3", "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode == 0 and "+ the mask as channels" in r.stdout, r.stderr[-2000:]
-    assert json.loads((tmp_path / "s" / "samples.json").read_text())["written"] == {"original": 1, "augmented": 1}
+    written = json.loads((tmp_path / "s" / "samples.json").read_text())["written"]
+    assert written == {"original": 1, "augmented": 1}
 
 
 def test_the_comparison_table_averages_the_seeds(tmp_path):

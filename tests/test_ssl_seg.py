@@ -533,7 +533,8 @@ def test_torchrun_shares_out_the_runs_and_gathers_them(small_prep, tmp_path):
     one process (each run is trained whole by one rank, so sharing them out changes no figure)."""
     torch.save({**ss.ResNet("resnet18").state_dict(), "fc.weight": torch.zeros(1000, 512),
                 "fc.bias": torch.zeros(1000)}, tmp_path / "r18.pth")
-    argv = [str(REPO / "07_ssl_seg.py"), "--prep", str(small_prep), "--train", "real", "--runs", "2", "--backbone", "resnet18",
+    argv = [str(REPO / "07_ssl_seg.py"), "--prep", str(small_prep), "--train", "real", "--runs", "2",
+            "--backbone", "resnet18",
             "--backbone-weights", str(tmp_path / "r18.pth"), "--channels", "32", "--iters", "3",
             "--sp-min-size", "30", "--pool-train", "1", "--pool-test", "1", "--lr-step", "2", "--shift", "2",
             "--elastic-alpha", "4", "--elastic-sigma", "2", "--log-every", "3", "--eval-batch", "8",
@@ -545,7 +546,8 @@ def test_torchrun_shares_out_the_runs_and_gathers_them(small_prep, tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # torchrun's processes use one thread
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert r.stdout.count("[real/seed0] Dice") == 1 and r.stdout.count("[real/seed1] Dice") == 1, r.stdout
-    assert r.stdout.count("superpixels: ") == 1 and r.stdout.count("| real |") == 1, r.stdout  # rank 0 reports
+    # rank 0 reports the superpixels and the table once
+    assert r.stdout.count("superpixels: ") == 1 and r.stdout.count("| real |") == 1, r.stdout
     ddp, ref = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("ddp", "one"))
     assert sorted(ddp["runs"]) == ["real/seed0", "real/seed1"] and ddp["summary"]["real"]["runs"] == 2
     flat = lambda d, k="": ({k: d} if not isinstance(d, dict) else

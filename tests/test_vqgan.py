@@ -273,11 +273,13 @@ def test_train_step_sends_each_loss_to_its_own_weights():
     args = vq.get_args(["--perceptual-weights", "auto", "--n-hiddens", "8", "--num-groups", "8", "--n-codes",
                         "32", "--disc-channels", "8", "--perceptual-weight", "0", "--grad-clip", "0"])
     torch.manual_seed(0)
-    model = vq.VQGAN(args.n_hiddens, args.downsample, args.embedding_dim, args.n_codes, args.num_groups).eval()
+    model = vq.VQGAN(args.n_hiddens, args.downsample, args.embedding_dim, args.n_codes,
+                     args.num_groups).eval()
     d2, d3 = vq.PatchGAN(2, args.disc_channels, args.disc_layers), vq.PatchGAN(3, args.disc_channels,
                                                                              args.disc_layers)
     x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    boxes, has_box = torch.tensor([[4, 12, 4, 12, 4, 12], [0, 8, 2, 10, 6, 14]]), torch.ones(2, dtype=torch.bool)
+    boxes = torch.tensor([[4, 12, 4, 12, 4, 12], [0, 8, 2, 10, 6, 14]])
+    has_box = torch.ones(2, dtype=torch.bool)
     r_model, r2, r3 = (copy.deepcopy(m) for m in (model, d2, d3))
     torch.manual_seed(3)  # the long way: the codebook is fixed in eval mode, so x̂ is the step's
     x_rec, commitment, _ = r_model(x)
@@ -302,8 +304,10 @@ def test_train_step_sends_each_loss_to_its_own_weights():
     before = [p.detach().clone() for p in ae + disc]
     opts = torch.optim.SGD(ae, lr=1.0), torch.optim.SGD(disc, lr=1.0)
     torch.manual_seed(3)
-    _, stats = vq.train_step((model, d2, d3), opts, None, choose_precision("cpu"), x, boxes, has_box, True, args)
+    prec = choose_precision("cpu")
+    _, stats = vq.train_step((model, d2, d3), opts, None, prec, x, boxes, has_box, True, args)
     torch.testing.assert_close(stats[7], d_loss.detach(), rtol=1e-5, atol=1e-6)
     for p0, p, g in zip(before, ae + disc, [*g_grads, *d_grads]):
-        torch.testing.assert_close(p0 - p.detach(), torch.zeros_like(p0) if g is None else g, rtol=1e-4, atol=1e-6)
+        moved = torch.zeros_like(p0) if g is None else g
+        torch.testing.assert_close(p0 - p.detach(), moved, rtol=1e-4, atol=1e-6)
     assert any(g is not None and g.abs().max() > 0 for g in d_grads) and g_grads[0].abs().max() > 0
