@@ -395,7 +395,7 @@ def load_sources(jobs, workers):
         out[k] = r[:2]
         cached += r[2]
     print0(f"superpixels: {len(out)} volumes ({cached} from the cache, {len(out) - cached} computed), "
-          f"{bad} skipped")
+           f"{bad} skipped")
     return out
 
 
@@ -745,7 +745,7 @@ def main(args):
     if not queries:
         raise SystemExit("error: no query volume left (the test split needs 2 cases, or pass --support-case)")
     print0(f"test: support {support_name}, {len(queries)} query volumes; organs "
-          + ", ".join(f"{o} {ids}" for o, ids in args.organs.items()))
+           + ", ".join(f"{o} {ids}" for o, ids in args.organs.items()))
     if args.iters > 5000 or args.backbone == "resnet101":
         sizing_note(device, f"--backbone {args.backbone}, --iters {args.iters}",
                     "`make demo-ssl`'s --backbone resnet18 --iters 500 --lr 1e-2 --lr-step 100 "
@@ -795,8 +795,8 @@ def main(args):
         norm = lambda t: (t[0], torch.from_numpy((t[1] - mean) / std).to(device), t[2])
         sup_n, qry_n = norm(support), [norm(q) for q in queries]
         print0(f"[{s}] {len(members)} volumes ({', '.join(f'{n} {k}' for k, n in volumes.items())}), "
-              f"{int(keep.sum())} slices with superpixels (mean {nsp[keep].mean():.1f} per slice); "
-              f"z-score {mean:.3f} ± {std:.3f}")
+               f"{int(keep.sum())} slices with superpixels (mean {nsp[keep].mean():.1f} per slice); "
+               f"z-score {mean:.3f} ± {std:.3f}")
         mine = todo[rank::world]  # torchrun: the runs (seeds) are shared out, each trained whole by one rank
         for seed in mine:
             tag = f"{s}/seed{seed}"
@@ -828,8 +828,8 @@ def main(args):
     print0(write_table(args.out / "table.md", summary, list(args.organs), note))
     plot_dice(args.out / "dice.png", summary, list(args.organs), note)
     print0(f"wrote {res_path} ({len(runs)} runs), {args.out / 'table.md'}, {args.out / 'dice.png'}; "
-          f"superpixels in {args.out / 'superpixels'}, checkpoints in {args.out / 'checkpoints'}; "
-          f"{time.perf_counter() - t_start:.0f} s")
+           f"superpixels in {args.out / 'superpixels'}, checkpoints in {args.out / 'checkpoints'}; "
+           f"{time.perf_counter() - t_start:.0f} s")
     return summary
 
 
